@@ -63,6 +63,13 @@ class _Segment:
   leaf_ids: tuple[int, ...]
   size: int
   wire_dtype: Any
+  shape: Optional[tuple[int, ...]] = None  # the leaf's, if layer-wise
+
+  def compressor_for(self, compressor: compressors.Compressor
+                     ) -> compressors.Compressor:
+    """`compressor` specialized to this segment's tensor shape, if any."""
+    return compressor if self.shape is None else compressor.for_shape(
+        self.shape)
 
 
 def _is_compressible(leaf) -> bool:
@@ -77,14 +84,17 @@ def _plan(leaves, granularity: str) -> list[_Segment]:
   return [
       _Segment(tuple(group),
                sum(int(np.prod(leaves[i].shape)) for i in group),
-               jnp.result_type(*(leaves[i].dtype for i in group)))
+               jnp.result_type(*(leaves[i].dtype for i in group)),
+               tuple(leaves[group[0]].shape) if granularity == "layer"
+               else None)
       for group in groups
   ]
 
 
 def compress(compressor: compressors.Compressor, x: jax.Array, state: Any,
              key: jax.Array, axis_name: Optional[str] = None,
-             wire_dtype: Any = None) -> payload_lib.Payload:
+             wire_dtype: Any = None,
+             shape: Optional[tuple[int, ...]] = None) -> payload_lib.Payload:
   """Compresses one worker's flat vector into a `Payload`.
 
   Args:
@@ -96,6 +106,8 @@ def compress(compressor: compressors.Compressor, x: jax.Array, state: Any,
     axis_name: the workers' axis, used only by compressors that agree on
       shared indices; None for one worker.
     wire_dtype: dtype of the values on the wire (default ``x.dtype``).
+    shape: if ``x`` is one tensor flattened, its shape (compressors that
+      view the vector as a matrix, e.g. `arc_top_k`, then use its rows).
 
   Returns:
     The `Payload` (values, int32 indices, count), ready for `aggregate`.
@@ -110,10 +122,21 @@ def compress(compressor: compressors.Compressor, x: jax.Array, state: Any,
   """
   if x.ndim != 1:
     raise ValueError(f"compress takes a 1-D `x`, got shape {x.shape}.")
+  if shape is not None:
+    if int(np.prod(shape)) != x.shape[0]:
+      raise ValueError(f"compress: `shape` {tuple(shape)} does not match "
+                       f"the length {x.shape[0]} of `x`.")
+    compressor = compressor.for_shape(tuple(shape))
   sent = compressor.select(x, state, key, axis_name)
   if wire_dtype is not None and sent.values.dtype != jnp.dtype(wire_dtype):
     sent = dataclasses.replace(sent, values=sent.values.astype(wire_dtype))
   return sent
+
+
+def segment_key(count: jax.Array, segment_index: int) -> jax.Array:
+  """The PRNG key of one step and segment, identical on every worker."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(0), count),
+                            segment_index)
 
 
 def _check_nonfinite_raise(bad):
@@ -180,7 +203,8 @@ def sparsify(compressor: compressors.Compressor, *, feedback: str = "ef",
         count=jnp.zeros([], jnp.int32),
         memory=jax.tree.map(per_worker, tuple(m for m, _ in memories)),
         compressor_state=jax.tree.map(
-            per_worker, tuple(compressor.init(s.size) for s in segments)),
+            per_worker, tuple(s.compressor_for(compressor).init(s.size)
+                              for s in segments)),
         shared_memory=tuple(shared for _, shared in memories),
         stats=stats_lib.init_stats(),
     )
@@ -203,18 +227,18 @@ def sparsify(compressor: compressors.Compressor, *, feedback: str = "ef",
     sent_values = jnp.zeros([], jnp.int32)
     overflow = jnp.zeros([], jnp.int32)
     sent_bytes = dense_bytes = 0
-    step_key = jax.random.fold_in(jax.random.key(0), state.count)
     for index, (segment, grad) in enumerate(zip(segments, grads)):
       x, worker_mem = feedback_lib.prepare(feedback, grad, memory[index],
                                            momentum)
-      sent = compress(compressor, x, comp_state[index],
-                      jax.random.fold_in(step_key, index), axis_name,
+      segment_compressor = segment.compressor_for(compressor)
+      sent = compress(segment_compressor, x, comp_state[index],
+                      segment_key(state.count, index), axis_name,
                       segment.wire_dtype)
       mean = aggregate_lib.aggregate(sent, axis_name)
       out, worker_mem, shared = feedback_lib.finish(
           feedback, x, sent, mean, worker_mem, state.shared_memory[index])
-      new_comp.append(compressor.update(comp_state[index], sent, mean,
-                                        axes.num_workers(axis_name)))
+      new_comp.append(segment_compressor.update(
+          comp_state[index], sent, mean, axes.num_workers(axis_name)))
       outs.append(out)
       new_memory.append(worker_mem)
       new_shared.append(shared)

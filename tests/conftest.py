@@ -1,0 +1,19 @@
+"""Test setup: 8 CPU devices, configured before JAX initializes a backend.
+
+The repository's root conftest.py sets the same option first (so the doctests
+in gsparse_jax/ see it too); repeating it here keeps `pytest tests/...` run
+from any directory correct.
+"""
+
+import jax
+import pytest
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+NUM_DEVICES = 8
+
+
+@pytest.fixture(scope="session")
+def mesh():
+  """A ("data",) mesh over the 8 CPU devices."""
+  return jax.make_mesh((NUM_DEVICES,), ("data",))

@@ -1,0 +1,79 @@
+"""Run a gradient transformation over 8 workers in each mapping context.
+
+Shared by the test files: the same `tx` is stepped through a sequence of
+per-worker gradients under `jax.vmap(axis_name=...)`, `jax.jit(jax.shard_map)`
+and `jax.pmap`, returning every worker's outputs so tests can compare the
+contexts with each other and with NumPy references.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import gsparse_jax as gs
+
+AXIS = "data"
+CONTEXTS = ("vmap", "shard_map", "pmap")
+
+
+def run_steps(tx, params, grads_seq, context, mesh=None):
+  """Steps ``tx`` through ``grads_seq`` with one worker per leading entry.
+
+  Args:
+    tx: an optax GradientTransformation (with axis_name=AXIS inside).
+    params: the parameter pytree (passed to init and update).
+    grads_seq: pytree whose leaves are ``[steps, workers, ...]``.
+    context: one of CONTEXTS.
+    mesh: a ("data",) mesh with as many devices as workers (shard_map).
+
+  Returns:
+    (outputs with leaves ``[steps, workers, ...]``, final state in the
+    context's global layout).
+  """
+  steps = jax.tree.leaves(grads_seq)[0].shape[0]
+  workers = jax.tree.leaves(grads_seq)[0].shape[1]
+  update = lambda g, s: tx.update(g, s, params)
+
+  if context == "vmap":
+    state = jax.vmap(lambda _: tx.init(params))(jnp.arange(workers))
+    step = jax.jit(jax.vmap(update, axis_name=AXIS))
+  elif context == "pmap":
+    state = jax.pmap(lambda _: tx.init(params))(jnp.arange(workers))
+    step = jax.pmap(update, axis_name=AXIS)
+  elif context == "shard_map":
+    specs = gs.state_partition_specs(jax.eval_shape(tx.init, params), AXIS)
+    state = jax.jit(jax.shard_map(lambda: tx.init(params), mesh=mesh,
+                                  in_specs=(), out_specs=specs))()
+
+    @jax.jit
+    @functools.partial(jax.shard_map, mesh=mesh,
+                       in_specs=(P(AXIS), specs), out_specs=(P(AXIS), specs))
+    def step(grads, state):
+      local = jax.tree.map(lambda g: g[0], grads)
+      out, state = update(local, state)
+      return jax.tree.map(lambda o: o[None], out), state
+  else:
+    raise ValueError(context)
+
+  outputs = []
+  for t in range(steps):
+    grads = jax.tree.map(lambda g: g[t], grads_seq)
+    if context == "shard_map":
+      grads = jax.device_put(grads, NamedSharding(mesh, P(AXIS)))
+    out, state = step(grads, state)
+    # Block each step: 8 virtual CPU devices on 2 cores can deadlock XLA's
+    # collective rendezvous when many steps are in flight.
+    outputs.append(jax.block_until_ready(out))
+  stacked = jax.tree.map(lambda *o: np.stack([np.asarray(x) for x in o]),
+                         *outputs)
+  return stacked, state
+
+
+def worker_rows(x, workers):
+  """A per-worker state leaf as ``[workers, ...]`` whatever the context."""
+  x = np.asarray(x)
+  return x.reshape((workers,) + x.shape[-1:]) if x.ndim > 1 else x
