@@ -36,7 +36,7 @@ def state_partition_specs(opt_state: Any, axis_name: str) -> Any:
     ...                  optax.sgd(0.1))
     >>> specs = gs.state_partition_specs(tx.init(jnp.zeros(4)), "data")
     >>> specs[0].memory, specs[0].count
-    ((PartitionSpec('data',),), PartitionSpec())
+    ((P('data',),), P())
   """
   sharded, replicated = P(axis_name), P()
 
