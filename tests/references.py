@@ -43,3 +43,39 @@ def top_k_select(k):
     indices = top_k_indices(a, k)
     return indices, a[indices]
   return select
+
+
+def linear_regression_top_k_ef(x, y, workers, steps, k, lr):
+  """Data-parallel least squares, Top-k + EF per worker, SGD on the mean.
+
+  Model ``x @ w + b`` with loss ``mean((x @ w + b - y)**2)`` on each worker's
+  equal slice of the batch; parameters start at zero; float64.
+
+  Returns:
+    (w, b, memory ``[workers, d]``), the flat order being ``b`` then ``w``
+    (the leaf order of the pytree ``{"b", "w"}``).
+  """
+  features, outputs = x.shape[1], y.shape[1]
+  w = np.zeros((features, outputs))
+  b = np.zeros(outputs)
+  d = w.size + b.size
+  memory = np.zeros((workers, d))
+  xs = x.reshape(workers, -1, features).astype(np.float64)
+  ys = y.reshape(workers, -1, outputs).astype(np.float64)
+  for _ in range(steps):
+    total = np.zeros(d)
+    for i in range(workers):
+      residual = xs[i] @ w + b - ys[i]
+      scale = 2.0 / residual.size
+      grad = np.concatenate([scale * residual.sum(0),
+                             (scale * xs[i].T @ residual).ravel()])
+      a = grad + memory[i]
+      idx = top_k_indices(a, k)
+      sent = np.zeros(d)
+      sent[idx] = a[idx]
+      memory[i] = a - sent
+      total += sent
+    mean = total / workers
+    b = b - lr * mean[:outputs]
+    w = w - lr * mean[outputs:].reshape(features, outputs)
+  return w, b, memory

@@ -63,34 +63,6 @@ def _local_grad_fn(loss):
   return gs.local_value_and_grad(loss, AXIS)
 
 
-def _numpy_training(x, y, steps, k):
-  """Top-k + EF over 8 workers, then SGD on the mean, in float64."""
-  w = np.zeros((FEATURES, OUTPUTS))
-  b = np.zeros(OUTPUTS)
-  d = w.size + b.size
-  memory = np.zeros((WORKERS, d))
-  xs = x.reshape(WORKERS, BATCH, FEATURES).astype(np.float64)
-  ys = y.reshape(WORKERS, BATCH, OUTPUTS).astype(np.float64)
-  for _ in range(steps):
-    total = np.zeros(d)
-    for i in range(WORKERS):
-      residual = xs[i] @ w + b - ys[i]
-      scale = 2.0 / residual.size
-      grad_w = scale * xs[i].T @ residual
-      grad_b = scale * residual.sum(0)
-      # Leaf order of {"b", "w"} in a pytree: b first.
-      a = np.concatenate([grad_b, grad_w.ravel()]) + memory[i]
-      idx = references.top_k_indices(a, k)
-      sent = np.zeros(d)
-      sent[idx] = a[idx]
-      memory[i] = a - sent
-      total += sent
-    mean = total / WORKERS
-    b = b - LR * mean[:OUTPUTS]
-    w = w - LR * mean[OUTPUTS:].reshape(FEATURES, OUTPUTS)
-  return w, b, memory
-
-
 def test_twenty_shard_map_steps_match_numpy_reference(mesh):
   tx, params, specs, init = _setup(mesh, gs.top_k(0.1, method="sort"))
   opt_state = init(params)
@@ -103,7 +75,8 @@ def test_twenty_shard_map_steps_match_numpy_reference(mesh):
     jax.block_until_ready(loss)
 
   k = round(0.1 * (FEATURES * OUTPUTS + OUTPUTS))
-  w, b, memory = _numpy_training(np.asarray(x), np.asarray(y), 20, k)
+  w, b, memory = references.linear_regression_top_k_ef(
+      np.asarray(x), np.asarray(y), WORKERS, steps=20, k=k, lr=LR)
   np.testing.assert_allclose(params["w"], w, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(params["b"], b, rtol=1e-4, atol=1e-5)
   # Every worker's memory is in the state, sharded over the mesh.

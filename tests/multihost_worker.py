@@ -1,0 +1,80 @@
+"""One process of the 2-process test in test_multihost.py (not a test file).
+
+Usage: python multihost_worker.py PROCESS_ID PORT OUT_DIR
+Each process owns 4 CPU devices of an 8-device ("data",) mesh; together they
+train the linear model of test_distributed.py for a few steps with
+Top-k + error feedback, and each writes what it can address to OUT_DIR.
+"""
+
+import functools
+import os
+import sys
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 4)
+process_id, port, out_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
+                           num_processes=2, process_id=process_id)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import gsparse_jax as gs  # noqa: E402
+
+AXIS = "data"
+STEPS, LR, RATIO = 5, 0.1, 0.1
+
+
+def loss_fn(params, x, y):
+  return jnp.mean((x @ params["w"] + params["b"] - y) ** 2)
+
+
+def main():
+  data = np.load(os.path.join(out_dir, "data.npz"))
+  mesh = jax.make_mesh((8,), (AXIS,))
+  sharding = NamedSharding(mesh, P(AXIS))
+  # Every process holds the whole batch here; each device takes its rows.
+  x, y = (jax.make_array_from_callback(a.shape, sharding, lambda i, a=a: a[i])
+          for a in (data["x"], data["y"]))
+  params = {"w": jnp.zeros((x.shape[1], y.shape[1])),
+            "b": jnp.zeros((y.shape[1],))}
+  tx = optax.chain(gs.sparsify(gs.top_k(RATIO), axis_name=AXIS),
+                   optax.sgd(LR))
+  specs = gs.state_partition_specs(jax.eval_shape(tx.init, params), AXIS)
+  opt_state = jax.jit(jax.shard_map(tx.init, mesh=mesh, in_specs=P(),
+                                    out_specs=specs))(params)
+
+  @jax.jit
+  @functools.partial(jax.shard_map, mesh=mesh,
+                     in_specs=(P(), specs, P(AXIS), P(AXIS)),
+                     out_specs=(P(), specs))
+  def step(params, opt_state, x, y):
+    _, grads = gs.local_value_and_grad(loss_fn, AXIS)(params, x, y)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  for _ in range(STEPS):
+    params, opt_state = step(params, opt_state, x, y)
+    jax.block_until_ready(params)
+
+  local = lambda a: np.asarray(a.addressable_shards[0].data)
+  memory = opt_state[0].memory[0]
+  rows = {shard.index[0].start: np.asarray(shard.data)
+          for shard in memory.addressable_shards}
+  np.savez(os.path.join(out_dir, f"process{process_id}.npz"),
+           w=local(params["w"]), b=local(params["b"]),
+           memory_rows=np.array(sorted(rows)),
+           memory=np.concatenate([rows[r] for r in sorted(rows)]),
+           sent_bytes=gs.comm_stats(
+               jax.tree.map(lambda a: np.concatenate(
+                   [np.asarray(s.data) for s in a.addressable_shards]),
+                   opt_state[0].stats))["sent_bytes"])
+  jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+  main()
