@@ -11,19 +11,13 @@ import os
 import sys
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-jax.config.update("jax_num_cpu_devices", 4)
-process_id, port, out_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
-                           num_processes=2, process_id=process_id)
-
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-import gsparse_jax as gs  # noqa: E402
+import gsparse_jax as gs
 
 AXIS = "data"
 STEPS, LR, RATIO = 5, 0.1, 0.1
@@ -33,7 +27,11 @@ def loss_fn(params, x, y):
   return jnp.mean((x @ params["w"] + params["b"] - y) ** 2)
 
 
-def main():
+def main(process_id, port, out_dir):
+  # Before any computation initializes a backend: 4 devices per process.
+  jax.config.update("jax_num_cpu_devices", 4)
+  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
+                             num_processes=2, process_id=process_id)
   data = np.load(os.path.join(out_dir, "data.npz"))
   mesh = jax.make_mesh((8,), (AXIS,))
   sharding = NamedSharding(mesh, P(AXIS))
@@ -77,4 +75,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  main(int(sys.argv[1]), sys.argv[2], sys.argv[3])
