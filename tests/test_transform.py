@@ -259,9 +259,10 @@ def test_init_accepts_abstract_params_and_state_types_are_stable():
       jit_state)
 
 
-def test_nonfinite_skip_keeps_state_on_every_worker():
+@pytest.mark.parametrize("feedback", ["ef", "none", "ef21", "ef21m"])
+def test_nonfinite_skip_keeps_state_on_every_worker(feedback):
   """One worker's NaN makes every worker skip; state and memory unchanged."""
-  tx = gs.sparsify(gs.top_k(0.25), axis_name=runners.AXIS)
+  tx = gs.sparsify(gs.top_k(0.25), axis_name=runners.AXIS, feedback=feedback)
   params = {"w": jnp.zeros((8,))}
   grads = np.random.default_rng(5).normal(size=(3, WORKERS, 8)).astype(
       np.float32)
@@ -273,7 +274,8 @@ def test_nonfinite_skip_keeps_state_on_every_worker():
   clean = {"w": jnp.asarray(grads[[0, 2]])}
   expected, clean_state = runners.run_steps(tx, params, clean, "vmap")
   np.testing.assert_allclose(outputs["w"][[0, 2]], expected["w"], rtol=1e-6)
-  chex.assert_trees_all_close(state.memory, clean_state.memory)
+  chex.assert_trees_all_equal(state.memory, clean_state.memory)
+  chex.assert_trees_all_equal(state.shared_memory, clean_state.shared_memory)
   stats = gs.comm_stats(state)
   assert stats["steps"] == 3 and stats["skipped_steps"] == 1
   assert stats["sent_values"] == 2 * 2
