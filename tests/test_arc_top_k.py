@@ -95,6 +95,24 @@ def test_same_rows_on_every_worker_and_numpy_reference(context, mesh):
   np.testing.assert_allclose(mean[0], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_sparsify_agrees_across_vmap_shard_map_and_pmap(mesh):
+  # The sketch is drawn from the step key (from the replicated step count),
+  # so every mapping context draws the same Omega and picks the same rows.
+  tx = gs.sparsify(gs.arc_top_k(0.2, rank=2, row_size=8), feedback="ef21m",
+                   axis_name=AXIS)
+  grads = jnp.asarray(np.random.default_rng(6).normal(
+      size=(3, WORKERS, 80)).astype(np.float32))
+  outputs = {context: runners.run_steps(tx, jnp.zeros(80), grads, context,
+                                        mesh)[0]
+             for context in runners.CONTEXTS}
+  for context, out in outputs.items():
+    np.testing.assert_array_equal(out, np.broadcast_to(out[:, :1], out.shape))
+    np.testing.assert_allclose(out, outputs["vmap"], rtol=1e-6, atol=1e-7,
+                               err_msg=context)
+  # The first step sends 2 of the 10 rows (h starts at 0): 16 values.
+  assert np.count_nonzero(outputs["vmap"][0, 0]) == 16
+
+
 def test_single_worker_without_axis_name():
   d, row_len = 60, 6
   compressor = gs.arc_top_k(0.3, rank=2, row_size=row_len)
@@ -136,7 +154,7 @@ def test_layer_granularity_uses_each_leaf_shape():
   params = jax.tree.map(jnp.zeros_like, grads)
   tx = gs.sparsify(gs.arc_top_k(0.3, rank=2), feedback="none",
                    granularity="layer")
-  out, _ = tx.update(jax.tree.map(jnp.asarray, grads), tx.init(params))
+  out, _ = jax.jit(tx.update)(grads, tx.init(params))
   out = jax.tree.map(np.asarray, out)
   # 6 rows of 5 -> 1 row kept; (4, 6) rows -> 1; 7 entries as rows -> 2,
   # chosen exactly (a 1-D leaf is its own sketch, as in the reference).
@@ -164,25 +182,26 @@ def test_compress_shape_argument_matches_for_shape():
 def test_bytes_are_sketch_plus_values_without_indices():
   d = 2000
   tx = gs.sparsify(gs.arc_top_k(0.05, rank=2, row_size=10))
-  _, state = tx.update(jnp.ones(d), tx.init(jnp.zeros(d)))
+  _, state = jax.jit(tx.update)(jnp.ones(d), tx.init(jnp.zeros(d)))
   stats = gs.comm_stats(state)
   # 10 rows of 10 values + the 200 x 2 sketch, 4 bytes each.
   assert stats["sent_bytes"] == (100 + 400) * 4
   assert stats["sent_values"] == 100
   tx = gs.sparsify(gs.top_k(0.05))
-  _, state = tx.update(jnp.ones(d), tx.init(jnp.zeros(d)))
+  _, state = jax.jit(tx.update)(jnp.ones(d), tx.init(jnp.zeros(d)))
   assert gs.comm_stats(state)["sent_bytes"] == 100 * (4 + 4)
 
 
-def _collectives(text):
+def collectives(text):
   """(operand types of every all-reduce, number of all-gathers) in StableHLO."""
   reduces = re.findall(r'"stablehlo\.all_reduce".*?\}\) : \((tensor<[^>]*>)',
                        text, flags=re.S)
   return reduces, len(re.findall(r"all[_-]gather", text))
 
 
-def _lowered_step_text(compressor, mesh, d=2000):
-  tx = optax.chain(gs.sparsify(compressor, feedback="ef21", axis_name=AXIS,
+def lowered_step_text(compressor, mesh, d=2000, feedback="ef21"):
+  """StableHLO of a jitted shard_map training step over 8 workers."""
+  tx = optax.chain(gs.sparsify(compressor, feedback=feedback, axis_name=AXIS,
                                nonfinite="ignore"), optax.sgd(0.1))
   params = jnp.zeros(d)
   specs = gs.state_partition_specs(jax.eval_shape(tx.init, params), AXIS)
@@ -201,8 +220,8 @@ def _lowered_step_text(compressor, mesh, d=2000):
 
 
 def test_lowered_arc_step_all_reduces_sketch_and_rows_only(mesh):
-  reduces, gathers = _collectives(
-      _lowered_step_text(gs.arc_top_k(0.05, rank=2, row_size=10), mesh))
+  reduces, gathers = collectives(
+      lowered_step_text(gs.arc_top_k(0.05, rank=2, row_size=10), mesh))
   assert gathers == 0
   # One psum of the 200 x 2 sketch and one of the 10 selected rows' values;
   # nothing of the gradient's size.
@@ -210,17 +229,19 @@ def test_lowered_arc_step_all_reduces_sketch_and_rows_only(mesh):
 
 
 def test_lowered_top_k_step_all_gathers(mesh):
-  reduces, gathers = _collectives(_lowered_step_text(gs.top_k(0.05), mesh))
+  reduces, gathers = collectives(lowered_step_text(gs.top_k(0.05), mesh))
   assert gathers >= 2 and not reduces  # indices and values
 
 
 def _contraction_ratios(compressor, x, keys):
-  ratios = []
-  for key in keys:
+  """||C(x) - x||^2 / ||x||^2 for each key (one worker)."""
+
+  def ratio(key):
     sent = gs.compress(compressor, x, (), key)
     residual = x - gs.aggregate(sent, None)
-    ratios.append(float(jnp.sum(residual**2) / jnp.sum(x**2)))
-  return np.array(ratios)
+    return jnp.sum(residual**2) / jnp.sum(x**2)
+
+  return np.asarray(jax.jit(jax.vmap(ratio))(jnp.stack(list(keys))))
 
 
 def test_exact_rows_are_deterministically_contractive():

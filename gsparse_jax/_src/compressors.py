@@ -100,6 +100,16 @@ class Compressor(abc.ABC):
     del sent, mean, num_workers
     return state
 
+  def for_shape(self, shape: tuple[int, ...]) -> "Compressor":
+    """The compressor for a flat vector that is one tensor of ``shape``.
+
+    `sparsify` calls it per leaf under ``granularity="layer"``, so
+    compressors that view the vector as a matrix (ARC-Top-K's rows) can use
+    the tensor's own shape. The default ignores the shape.
+    """
+    del shape
+    return self
+
 
 @dataclasses.dataclass(frozen=True)
 class TopK(Compressor):
