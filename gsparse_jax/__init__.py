@@ -1,6 +1,8 @@
 """gsparse_jax: gradient sparsification for JAX, as optax transformations."""
 
 from gsparse_jax._src.aggregate import aggregate
+from gsparse_jax._src.approximate import approx_top_k
+from gsparse_jax._src.arc_top_k import arc_top_k
 from gsparse_jax._src.compressors import Compressor
 from gsparse_jax._src.compressors import dense
 from gsparse_jax._src.compressors import rand_k
@@ -9,8 +11,13 @@ from gsparse_jax._src.distributed import local_grad
 from gsparse_jax._src.distributed import local_value_and_grad
 from gsparse_jax._src.distributed import state_partition_specs
 from gsparse_jax._src.payload import Payload
+from gsparse_jax._src.reg_top_k import reg_top_k
+from gsparse_jax._src.reg_top_k import RegTopKState
 from gsparse_jax._src.stats import comm_stats
 from gsparse_jax._src.stats import CommStats
+from gsparse_jax._src.threshold_compressors import calibrate_threshold
+from gsparse_jax._src.threshold_compressors import gaussian_k
+from gsparse_jax._src.threshold_compressors import hard_threshold
 from gsparse_jax._src.transform import compress
 from gsparse_jax._src.transform import sparsify
 from gsparse_jax._src.transform import SparsifyState
@@ -21,14 +28,21 @@ __all__ = (
     "Compressor",
     "CommStats",
     "Payload",
+    "RegTopKState",
     "SparsifyState",
     "aggregate",
+    "approx_top_k",
+    "arc_top_k",
+    "calibrate_threshold",
     "comm_stats",
     "compress",
     "dense",
+    "gaussian_k",
+    "hard_threshold",
     "local_grad",
     "local_value_and_grad",
     "rand_k",
+    "reg_top_k",
     "sparsify",
     "state_partition_specs",
     "top_k",

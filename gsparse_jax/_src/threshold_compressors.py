@@ -1,0 +1,283 @@
+"""Threshold compressors: hard-threshold and Gaussian-k, at a fixed capacity.
+
+Both send every entry whose magnitude passes a threshold, so the number sent
+varies per step. XLA needs static shapes (and every worker must send the
+same number of slots for the all-gather), so the payload has a fixed
+capacity: if more entries pass than fit, the largest magnitudes are sent,
+the others stay in error memory (never dropped) and are counted in
+``Payload.overflow`` (``overflow_values`` in `comm_stats`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import statistics
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gsparse_jax._src import compressors
+from gsparse_jax._src import payload as payload_lib
+from gsparse_jax._src import selection
+
+# Gaussian-k's refinement (Shi et al. 2019): accept a count in
+# [2k/3, 4k/3], otherwise scale the threshold, at most this many times.
+GAUSSIAN_REFINEMENTS = 3
+GAUSSIAN_SHRINK = 0.5  # too few selected: lower the threshold
+GAUSSIAN_GROW = 1.5  # too many selected: raise it
+
+
+def capacity_from(capacity_ratio: float, size: int) -> int:
+  """``max(1, round(capacity_ratio * size))``, at most ``size``."""
+  return int(min(size, max(1, round(capacity_ratio * size))))
+
+
+def threshold_payload(x: jax.Array, passing: jax.Array, capacity: int
+                      ) -> payload_lib.Payload:
+  """The entries of ``x`` where ``passing``, in a ``capacity``-slot payload.
+
+  When they fit, they are compacted in index order (no sort). When they do
+  not, the passing entries are exactly the largest magnitudes of ``x``, so a
+  Top-``capacity`` of ``x`` keeps the largest of them; the rest is overflow.
+
+  Args:
+    x: the 1-D vector being compressed.
+    passing: boolean mask of the entries selected by the threshold. It must
+      be "magnitude closed": every entry larger in magnitude than a passing
+      one also passes (true for ``|x| >= t`` and ``|x| > t``).
+    capacity: the static number of payload slots.
+
+  Returns:
+    A sparse `Payload` with ``count = min(passed, capacity)`` and
+    ``overflow = max(passed - capacity, 0)``.
+  """
+  size = x.shape[0]
+  passed = jnp.sum(passing, dtype=jnp.int32)
+
+  def compact(_):
+    return jnp.nonzero(passing, size=capacity, fill_value=size)[0].astype(
+        jnp.int32)
+
+  def largest(_):
+    return selection.top_k_abs(x, capacity).astype(jnp.int32)
+
+  indices = jax.lax.cond(passed <= capacity, compact, largest, None)
+  count = jnp.minimum(passed, capacity)
+  sent = payload_lib.sparse_payload(x, indices, count, x.dtype)
+  return dataclasses.replace(sent, overflow=jnp.maximum(passed - capacity, 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class HardThreshold(compressors.Compressor):
+  """Hard-threshold sparsifier (see `hard_threshold`)."""
+
+  threshold: float = 0.0
+  capacity_ratio: float = 0.01
+
+  def budget(self, size):
+    # No target count: the threshold decides; the capacity bounds it.
+    return capacity_from(self.capacity_ratio, size)
+
+  def select(self, x, state, key, axis_name):
+    del state, key, axis_name
+    passing = jnp.abs(x) >= self.threshold
+    return threshold_payload(x, passing, self.capacity(x.shape[0]))
+
+
+@dataclasses.dataclass(frozen=True)
+class GaussianK(compressors.Compressor):
+  """Gaussian-k sparsifier (see `gaussian_k`)."""
+
+  ratio: float = 0.01
+  capacity_ratio: Optional[float] = None
+
+  def budget(self, size):
+    return compressors.budget_from(self.ratio, None, size)
+
+  def capacity(self, size):
+    if self.capacity_ratio is None:
+      # The refinement accepts up to 4k/3 entries: a converged refinement
+      # always fits, at most 1/3 more bytes than Top-k's.
+      return int(min(size, math.ceil(4 * self.budget(size) / 3)))
+    return max(self.budget(size), capacity_from(self.capacity_ratio, size))
+
+  def threshold(self, x: jax.Array) -> jax.Array:
+    """The refined threshold ``tau`` for ``x`` (compared as ``|x| > tau``)."""
+    return gaussian_threshold(x, self.budget(x.shape[0]))
+
+  def select(self, x, state, key, axis_name):
+    del state, key, axis_name
+    passing = jnp.abs(x) > self.threshold(x)
+    return threshold_payload(x, passing, self.capacity(x.shape[0]))
+
+
+def gaussian_threshold(x: jax.Array, k: int,
+                       refinements: int = GAUSSIAN_REFINEMENTS) -> jax.Array:
+  """Gaussian-k's threshold: a normal fit, then at most ``refinements`` fixes.
+
+  ``tau = mean(x) + Phi^-1(1 - rho/2) * std(x)``, ``rho = k/d``; while the
+  number of ``|x| > tau`` is below ``2k/3`` halve ``tau``, above ``4k/3``
+  multiply it by 1.5, at most ``refinements`` times (a `lax.while_loop`:
+  usually no extra pass over ``x`` on near-Gaussian data). The selection
+  uses the last ``tau`` (the reference GaussianK-SGD loop keeps the set
+  counted before its third rescaling, i.e. at most 2 effective ones).
+
+  Args:
+    x: the 1-D vector.
+    k: the target count.
+    refinements: how many times ``tau`` may be rescaled.
+
+  Returns:
+    float32 scalar ``tau``.
+  """
+  x = x.astype(jnp.float32)
+  size = x.shape[0]
+  rho = k / size
+  # Phi^-1(1 - rho/2): the two-sided normal quantile (static); rho = 1
+  # gives 0.
+  z = statistics.NormalDist().inv_cdf(1.0 - rho / 2.0) if rho < 1 else 0.0
+  tau = jnp.mean(x) + z * jnp.std(x)
+  low, high = 2.0 * k / 3.0, 4.0 * k / 3.0
+
+  def count_above(t):
+    return jnp.sum(jnp.abs(x) > t, dtype=jnp.int32)
+
+  def out_of_band(count):
+    return (count < low) | (count > high)
+
+  def cond(carry):
+    step, _, count = carry
+    return (step < refinements) & out_of_band(count)
+
+  def body(carry):
+    step, t, count = carry
+    t = jnp.where(count < low, GAUSSIAN_SHRINK * t, GAUSSIAN_GROW * t)
+    return step + 1, t, count_above(t)
+
+  _, tau, _ = jax.lax.while_loop(
+      cond, body, (jnp.zeros([], jnp.int32), tau, count_above(tau)))
+  return tau
+
+
+def _check_nonnegative(value: Any, name: str) -> float:
+  if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+      or not 0.0 <= float(value) < math.inf):
+    raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
+  return float(value)
+
+
+def hard_threshold(threshold: float, *, capacity_ratio: float
+                   ) -> HardThreshold:
+  """Hard-threshold sparsifier: sends every entry with ``|a| >= threshold``.
+
+  No sorting and no budget: the number sent varies per step, which is the
+  point (with error feedback, a constant threshold minimizes the total
+  error over training, not the per-step error). Entries are written into a
+  payload of fixed capacity; if more pass than fit, the largest magnitudes
+  are sent and the rest stays in error memory, counted as overflow in
+  `comm_stats`.
+
+  Args:
+    threshold: ``lambda``, a finite number >= 0, compared with the
+      accumulated gradient's magnitudes (see `calibrate_threshold`).
+    capacity_ratio: payload slots as a fraction of the vector's length, in
+      (0, 1]: ``capacity = max(1, round(capacity_ratio * d))``. The bytes on
+      the wire are fixed by it.
+
+  Returns:
+    A `Compressor`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, gsparse_jax as gs
+    >>> c = gs.hard_threshold(1.0, capacity_ratio=0.5)
+    >>> p = gs.compress(c, jnp.array([0.5, -2.0, 1.0, 0.1]), c.init(4),
+    ...                 jax.random.key(0))
+    >>> p.indices.tolist(), int(p.count), int(p.overflow)
+    ([1, 2], 2, 0)
+
+  Reference: Sahu, Dutta, Abdelmoniem, Banerjee, Canini, Kalnis,
+  "Rethinking gradient sparsification as total error minimization", 2021.
+  """
+  threshold = _check_nonnegative(threshold, "threshold")
+  capacity_ratio = compressors.check_ratio(capacity_ratio, "capacity_ratio")
+  return HardThreshold(threshold=threshold, capacity_ratio=capacity_ratio)
+
+
+def calibrate_threshold(grads: Any, target_density: float) -> float:
+  """A hard threshold that ``target_density`` of a sample's entries pass.
+
+  Returns the ``k``-th largest magnitude over all float entries of
+  ``grads`` (``k = max(1, round(target_density * d))``), so that ``k``
+  entries (more on ties) satisfy ``|g| >= threshold``. Calibrate on a
+  representative accumulated gradient; with error feedback the memory grows
+  until entries pass, so the achieved density drifts (see `comm_stats`).
+
+  Args:
+    grads: an array or pytree of arrays (a sample gradient), on host or
+      device. Non-float leaves are ignored.
+    target_density: the fraction of entries that should pass, in (0, 1].
+
+  Returns:
+    The threshold, a Python float.
+
+  Example:
+    >>> import jax.numpy as jnp, gsparse_jax as gs
+    >>> gs.calibrate_threshold(jnp.array([0.1, -4.0, 2.0, 0.5]), 0.5)
+    2.0
+  """
+  target_density = compressors.check_ratio(target_density, "target_density")
+  magnitudes = [np.abs(np.asarray(leaf, np.float64)).reshape(-1)
+                for leaf in jax.tree.leaves(grads)
+                if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating)]
+  magnitudes = (np.concatenate(magnitudes) if magnitudes
+                else np.zeros((0,)))
+  if magnitudes.size == 0:
+    raise ValueError("calibrate_threshold needs a non-empty float sample in "
+                     "`grads`.")
+  k = compressors.budget_from(target_density, None, magnitudes.size)
+  # k-th largest magnitude, without a full sort.
+  return float(np.partition(magnitudes, magnitudes.size - k)[
+      magnitudes.size - k])
+
+
+def gaussian_k(ratio: float, *, capacity_ratio: Optional[float] = None
+               ) -> GaussianK:
+  """Gaussian-k: approximate Top-k by a threshold from a normal fit.
+
+  The threshold ``tau = mean(a) + Phi^-1(1 - rho/2) * std(a)`` (``rho = k/d``)
+  is refined at most 3 times (halved when fewer than ``2k/3`` entries have
+  ``|a| > tau``, multiplied by 1.5 when more than ``4k/3``), and what passes
+  is sent. No sort, so it is cheap on accelerators, but its recall on
+  heavy-tailed gradients can be far below Top-k's; `comm_stats` reports the
+  achieved density and the overflow.
+
+  Args:
+    ratio: target fraction of entries, in (0, 1]; ``k = max(1,
+      round(ratio*d))``.
+    capacity_ratio: payload slots as a fraction of ``d``, in [ratio, 1].
+      Default: ``ceil(4k/3)`` slots, the most a converged refinement accepts,
+      so only a refinement that failed overflows.
+
+  Returns:
+    A `Compressor`.
+
+  Example:
+    >>> import gsparse_jax as gs
+    >>> gs.gaussian_k(0.03).capacity(100)
+    4
+
+  Reference: Shi, Chu, Cheung, See, "Understanding Top-k sparsification in
+  distributed deep learning", 2019.
+  """
+  ratio = compressors.check_ratio(ratio)
+  if capacity_ratio is not None:
+    capacity_ratio = compressors.check_ratio(capacity_ratio, "capacity_ratio")
+    if capacity_ratio < ratio:
+      raise ValueError(
+          f"`capacity_ratio` must be in [ratio, 1] = [{ratio}, 1], got "
+          f"{capacity_ratio!r}.")
+  return GaussianK(ratio=ratio, capacity_ratio=capacity_ratio)
