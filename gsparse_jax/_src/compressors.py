@@ -152,7 +152,11 @@ class RandK(Compressor):
     key = jax.random.fold_in(key, self.seed)
     if not self.shared and axis_name is not None:
       key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
-    indices = jax.random.choice(key, size, (k,), replace=False)
+    # The k largest of d i.i.d. uniforms are a uniform k-subset; this reuses
+    # the fast top-k kernel, where `random.choice(replace=False)` permutes
+    # all d entries (about 15x slower here at d = 26k).
+    priorities = jax.random.uniform(key, (size,), jnp.float32)
+    indices = selection.top_k_abs(priorities, k, method="auto")
     p = payload_lib.sparse_payload(x, indices, k, x.dtype, self.layout)
     if self.scale:
       p = dataclasses.replace(p, values=p.values * (size / k))
