@@ -52,23 +52,16 @@ def init_memory(feedback: str, size: int) -> tuple[Any, Any]:
   return EF21MMemory(zeros(), zeros()), zeros()
 
 
-def prepare(feedback: str, grad: jax.Array, memory: Any, momentum: float,
-            applied: Any = True) -> tuple[jax.Array, Any]:
-  """The vector this worker compresses, and its memory updated so far.
-
-  ``applied`` is False on a skipped step (the gradient is then zeros); only
-  EF21M's momentum must be kept explicitly, every other memory update is a
-  no-op when nothing is sent.
-  """
+def prepare(feedback: str, grad: jax.Array, memory: Any, momentum: float
+            ) -> tuple[jax.Array, Any]:
+  """The vector this worker compresses, and its memory updated so far."""
   if feedback == "none":
     return grad, memory
   if feedback == "ef":
     return memory + grad, memory
   if feedback == "ef21":
     return grad - memory.estimate, memory
-  velocity = jnp.where(
-      applied, momentum * memory.momentum + (1.0 - momentum) * grad,
-      memory.momentum)
+  velocity = momentum * memory.momentum + (1.0 - momentum) * grad
   return velocity - memory.estimate, memory._replace(momentum=velocity)
 
 

@@ -221,57 +221,69 @@ def sparsify(compressor: compressors.Compressor, *, feedback: str = "ef",
         jnp.concatenate([leaves[i].reshape(-1).astype(jnp.float32)
                          for i in s.leaf_ids]) for s in segments
     ]
+    # Static per-step figures, filled in while the step is traced.
+    wire_bytes = []
+
+    def communicate(grads, memory, comp_state, shared_memory):
+      """One step of every segment: compress, aggregate, new memories."""
+      outs, new_memory, new_comp, new_shared = [], [], [], []
+      sent_values = overflow = jnp.zeros([], jnp.int32)
+      wire_bytes.clear()
+      for index, (segment, grad) in enumerate(zip(segments, grads)):
+        x, worker_mem = feedback_lib.prepare(feedback, grad, memory[index],
+                                             momentum)
+        segment_compressor = segment.compressor_for(compressor)
+        sent = compress(segment_compressor, x, comp_state[index],
+                        segment_key(state.count, index), axis_name,
+                        segment.wire_dtype)
+        mean = aggregate_lib.aggregate(sent, axis_name)
+        out, worker_mem, shared = feedback_lib.finish(
+            feedback, x, sent, mean, worker_mem, shared_memory[index])
+        new_comp.append(segment_compressor.update(
+            comp_state[index], sent, mean, axes.num_workers(axis_name)))
+        outs.append(out)
+        new_memory.append(worker_mem)
+        new_shared.append(shared)
+        sent_values = sent_values + sent.count
+        if sent.overflow is not None:
+          overflow = overflow + sent.overflow
+        wire_bytes.append(sent.wire_bytes())
+      return (outs, tuple(new_memory), tuple(new_comp), tuple(new_shared),
+              sent_values, overflow)
+
+    def skip(grads, memory, comp_state, shared_memory):
+      zeros = [jnp.zeros((s.size,), jnp.float32) for s in segments]
+      none_sent = jnp.zeros([], jnp.int32)
+      return (zeros, memory, comp_state, shared_memory, none_sent, none_sent)
+
+    operands = (grads, memory, comp_state, state.shared_memory)
     applied = _all_finite(grads, axis_name, nonfinite)
-    # A skipped step compresses zeros and sends nothing, so every memory
-    # update below is an exact no-op without a select over the state.
-    grads = [jnp.where(applied, g, 0.0) for g in grads]
+    if nonfinite == "ignore":
+      results = communicate(*operands)
+    else:
+      # A real branch, not a select: a finite step pays nothing for the
+      # check but one read of the gradient, and a skipped step leaves every
+      # memory bit-for-bit as it was. `applied` is the same on all workers.
+      results = jax.lax.cond(applied,
+                             _typed_per_worker(communicate, axis_name),
+                             _typed_per_worker(skip, axis_name), *operands)
+    outs, new_memory, new_comp, new_shared, sent_values, overflow = results
 
-    outs, new_memory, new_comp, new_shared = [], [], [], []
-    sent_values = jnp.zeros([], jnp.int32)
-    overflow = jnp.zeros([], jnp.int32)
-    sent_bytes = dense_bytes = 0
-    for index, (segment, grad) in enumerate(zip(segments, grads)):
-      x, worker_mem = feedback_lib.prepare(feedback, grad, memory[index],
-                                           momentum, applied)
-      segment_compressor = segment.compressor_for(compressor)
-      sent = compress(segment_compressor, x, comp_state[index],
-                      segment_key(state.count, index), axis_name,
-                      segment.wire_dtype)
-      sent = dataclasses.replace(
-          sent, values=jnp.where(applied, sent.values, 0).astype(
-              sent.values.dtype))
-      mean = aggregate_lib.aggregate(sent, axis_name)
-      out, worker_mem, shared = feedback_lib.finish(
-          feedback, x, sent, mean, worker_mem, state.shared_memory[index])
-      new_comp.append(segment_compressor.update(
-          comp_state[index], sent, mean, axes.num_workers(axis_name)))
-      outs.append(out)
-      new_memory.append(worker_mem)
-      new_shared.append(shared)
-      sent_values = sent_values + sent.count
-      if sent.overflow is not None:
-        overflow = overflow + sent.overflow
-      sent_bytes += sent.wire_bytes()
-      dense_bytes += segment.size * jnp.dtype(segment.wire_dtype).itemsize
-
-    keep_new = lambda new, old: jax.tree.map(
-        lambda n, o: jnp.where(applied, n, o), new, old)
     new_state = SparsifyState(
         count=state.count + applied.astype(jnp.int32),
-        memory=jax.tree.map(per_worker, tuple(new_memory)),
-        compressor_state=keep_new(jax.tree.map(per_worker, tuple(new_comp)),
-                                  state.compressor_state),
-        shared_memory=tuple(new_shared),
+        memory=jax.tree.map(per_worker, new_memory),
+        compressor_state=jax.tree.map(per_worker, new_comp),
+        shared_memory=new_shared,
         stats=stats_lib.record_step(
             state.stats, applied=applied, sent_values=sent_values,
-            sent_bytes=sent_bytes,
+            sent_bytes=sum(wire_bytes),
             dense_values=sum(s.size for s in segments),
-            dense_bytes=dense_bytes, overflow_values=overflow),
+            dense_bytes=sum(s.size * jnp.dtype(s.wire_dtype).itemsize
+                            for s in segments),
+            overflow_values=overflow),
     )
     new_leaves = list(leaves)
     for segment, out in zip(segments, outs):
-      if feedback in ("ef21", "ef21m"):  # their output is the estimate h
-        out = jnp.where(applied, out, 0.0)
       offset = 0
       for i in segment.leaf_ids:
         leaf = leaves[i]
@@ -282,6 +294,22 @@ def sparsify(compressor: compressors.Compressor, *, feedback: str = "ef",
     return jax.tree.unflatten(treedef, new_leaves), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _typed_per_worker(branch, axis_name):
+  """``branch`` with its per-worker outputs typed varying across workers.
+
+  Both branches of `lax.cond` under `shard_map` must agree on whether each
+  output varies across workers; a skipped step returns per-worker state that
+  may be typed replicated (e.g. a constant count), so both are cast alike.
+  """
+  def typed(*args):
+    outs, memory, comp_state, shared, sent_values, overflow = branch(*args)
+    memory, comp_state, sent_values, overflow = axes.to_varying(
+        (memory, comp_state, sent_values, overflow), axis_name)
+    return outs, memory, comp_state, shared, sent_values, overflow
+
+  return typed
 
 
 def _all_finite(grads, axis_name, nonfinite) -> jax.Array:
