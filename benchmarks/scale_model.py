@@ -1,0 +1,174 @@
+"""Projected step time and speedup over dense at scales not runnable here.
+
+Measures the selection cost of the threshold top-k kernel on this machine
+(seconds per gradient entry at one size), then feeds it to the alpha-beta
+model of `gsparse_jax._src.cost_model` over a grid of 8..4096 workers,
+1e6..1e10 parameters and 1..400 Gbit/s links, for the layouts dense (ring
+all-reduce), sparse (all-gather of value+index pairs, e.g. Top-k), aligned
+(all-reduce of k values, e.g. shared-seed Rand-k) and ARC-Top-K (sketch
+all-reduce + k values). The figure shows which layout is fastest where, and
+its speedup over dense.
+
+The selection cost is assumed linear in d; on accelerators it is far lower
+than on this CPU, which only widens the region where compression wins.
+
+Run: python -m benchmarks.scale_model --out DIR [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import _common
+from gsparse_jax._src import cost_model
+from gsparse_jax._src import selection
+
+WORKERS = tuple(2**i for i in range(3, 13))  # 8 .. 4096
+PARAMS = (1e6, 1e7, 1e8, 1e9, 1e10)
+GBITS = (1.0, 10.0, 25.0, 100.0, 400.0)
+LAYOUT_COLORS = {"dense": "#bbbbbb", "sparse": "#1f77b4",
+                 "aligned": "#2ca02c", "arc": "#d62728"}
+
+
+def measure_selection(size: int, ratio: float, repeats: int) -> dict:
+  """Seconds of the threshold top-k kernel at one size, and per entry."""
+  k = max(1, int(round(ratio * size)))
+  x = jax.random.normal(jax.random.key(0), (size,), jnp.float32)
+  select = jax.jit(functools.partial(selection.top_k_abs, k=k,
+                                     method="threshold"))
+  read_write = jax.jit(lambda v: v * 2.0)
+  seconds = _common.time_interleaved(
+      {"threshold": lambda: select(x), "read_write": lambda: read_write(x)},
+      repeats=repeats)
+  return {"size": size, "k": k, "seconds": seconds["threshold"],
+          "read_write_seconds": seconds["read_write"],
+          "seconds_per_element": seconds["threshold"] / size}
+
+
+def project_grid(selection_s_per_element: float, ratio: float,
+                 latency_s: float, bytes_per_value: int, workers, params,
+                 gbits) -> list:
+  """Every layout at every grid point, and the fastest one."""
+  points = []
+  for gbit in gbits:
+    network = cost_model.network_from_gbit(gbit, latency_s)
+    for num_params in params:
+      for num_workers in workers:
+        costs = {
+            layout: cost_model.project_step(
+                num_params, num_workers, network, layout, ratio=ratio,
+                bytes_per_value=bytes_per_value,
+                selection_s_per_element=selection_s_per_element)
+            for layout in cost_model.LAYOUTS}
+        best = min(costs.values(), key=lambda c: c.total_s)
+        points.append({
+            "gbit_per_s": gbit, "params": num_params,
+            "workers": num_workers, "dense_s": best.dense_s,
+            "best": best.layout,
+            "best_speedup_over_dense": best.speedup_over_dense,
+            "layouts": {name: {"total_s": c.total_s,
+                               "communication_s": c.communication_s,
+                               "selection_s": c.selection_s,
+                               "speedup_over_dense": c.speedup_over_dense}
+                        for name, c in costs.items()}})
+  return points
+
+
+def plot_grid(points, workers, params, gbits):
+  """One panel per bandwidth: best layout (color) and its speedup (text)."""
+  from matplotlib.colors import ListedColormap  # pylint: disable=g-import-not-at-top
+  from matplotlib.patches import Patch  # pylint: disable=g-import-not-at-top
+
+  layouts = list(LAYOUT_COLORS)
+  cmap = ListedColormap([LAYOUT_COLORS[name] for name in layouts])
+
+  def draw(axes):
+    flat = axes.reshape(-1)
+    for col, gbit in enumerate(gbits):
+      ax = flat[col]
+      grid = np.zeros((len(params), len(workers)))
+      for point in points:
+        if point["gbit_per_s"] != gbit:
+          continue
+        i = params.index(point["params"])
+        j = workers.index(point["workers"])
+        grid[i, j] = layouts.index(point["best"])
+        ax.text(j, i, f"{point['best_speedup_over_dense']:.1f}",
+                ha="center", va="center", fontsize=6)
+      ax.imshow(grid, cmap=cmap, vmin=-0.5, vmax=len(layouts) - 0.5,
+                origin="lower", aspect="auto")
+      ax.set_xticks(range(len(workers)), [str(w) for w in workers],
+                    rotation=90, fontsize=7)
+      ax.set_yticks(range(len(params)), [f"{p:.0e}" for p in params],
+                    fontsize=7)
+      ax.set_xlabel("workers")
+      ax.set_ylabel("parameters")
+      ax.set_title(f"{gbit:g} Gbit/s")
+    for ax in flat[len(gbits):]:
+      ax.axis("off")
+    flat[-1].legend(
+        handles=[Patch(color=LAYOUT_COLORS[n], label=n) for n in layouts],
+        loc="center", title="fastest layout\n(number: speedup over dense)",
+        fontsize=8)
+
+  return draw
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", required=True, help="output directory")
+  parser.add_argument("--quick", action="store_true",
+                      help="small selection measurement (seconds)")
+  parser.add_argument("--ratio", type=float, default=0.01)
+  parser.add_argument("--latency-us", type=float, default=5.0)
+  parser.add_argument("--bytes-per-value", type=int, default=4)
+  parser.add_argument("--selection-size", type=float, default=None)
+  parser.add_argument("--repeats", type=int, default=None)
+  args = parser.parse_args(argv)
+
+  size = int(args.selection_size or (1e5 if args.quick else 1e7))
+  repeats = args.repeats or (3 if args.quick else 9)
+  measured = measure_selection(size, args.ratio, repeats)
+  latency_s = args.latency_us * 1e-6
+  points = project_grid(measured["seconds_per_element"], args.ratio,
+                        latency_s, args.bytes_per_value, WORKERS, PARAMS,
+                        GBITS)
+  wins = {layout: sum(p["best"] == layout for p in points)
+          for layout in cost_model.LAYOUTS}
+  result = {
+      "machine": _common.machine_description(),
+      "selection": measured,
+      "model": {"ratio": args.ratio, "latency_s": latency_s,
+                "bytes_per_value": args.bytes_per_value,
+                "layouts": list(cost_model.LAYOUTS),
+                "assumption": "selection time linear in d; no overlap of "
+                              "communication and compute; flat ring"},
+      "grid": {"workers": list(WORKERS), "params": list(PARAMS),
+               "gbit_per_s": list(GBITS)},
+      "wins": wins,
+      "points": points,
+  }
+  _common.write_json(args.out, "scale_model", result)
+  _common.write_plot(
+      args.out, "scale_model", plot_grid(points, WORKERS, PARAMS, GBITS),
+      nrows=2, ncols=3, figsize=(13.0, 8.0),
+      title=(f"fastest layout and its speedup over dense\n(ratio "
+             f"{args.ratio:g}, selection "
+             f"{measured['seconds_per_element'] * 1e9:.2f} ns/entry measured "
+             f"at d={size:.0e}, latency {args.latency_us:g} us)"))
+  print(f"selection at d={size:.0e}, k={measured['k']}: "
+        f"{measured['seconds'] * 1e3:.2f} ms "
+        f"({measured['seconds_per_element'] * 1e9:.3f} ns/entry, "
+        f"{measured['seconds'] / measured['read_write_seconds']:.2f}x the "
+        "read+write pass)")
+  print("grid points won per layout:", wins)
+  return result
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,71 @@
+"""Smoke tests: the selection and scale-model benchmarks run with --quick.
+
+Each runs as `python -m benchmarks.NAME --out DIR --quick` from the
+repository root, and must write a valid JSON with the expected keys and a
+PNG.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def run_benchmark(name: str, out_dir: pathlib.Path) -> dict:
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join(
+      [str(REPO_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+  completed = subprocess.run(
+      [sys.executable, "-m", f"benchmarks.{name}", "--out", str(out_dir),
+       "--quick"],
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
+      check=False)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  assert (out_dir / f"{name}.png").stat().st_size > 0
+  with open(out_dir / f"{name}.json") as f:
+    return json.load(f)
+
+
+def test_selection_benchmark(tmp_path):
+  result = run_benchmark("selection", tmp_path)
+  assert {"machine", "config", "results"} <= set(result)
+  assert result["results"]
+  methods = {"threshold", "sort", "auto", "lax.top_k", "lax.approx_max_k",
+             "jnp.argsort"}
+  for row in result["results"]:
+    assert {"size", "ratio", "k", "floors", "methods"} <= set(row)
+    assert {"read_s", "read_write_s"} <= set(row["floors"])
+    assert methods <= set(row["methods"]) | set(row.get("skipped", {}))
+    for name, timing in row["methods"].items():
+      assert timing["seconds"] > 0
+      assert {"ratio_to_read", "ratio_to_read_write", "recall"} <= set(timing)
+      if name in ("threshold", "sort", "auto", "lax.top_k"):
+        assert timing["same_set_as_threshold"], name
+
+
+def test_scale_model_benchmark(tmp_path):
+  result = run_benchmark("scale_model", tmp_path)
+  assert {"machine", "selection", "model", "grid", "points", "wins"} <= set(
+      result)
+  assert result["selection"]["seconds_per_element"] > 0
+  grid = result["grid"]
+  assert min(grid["workers"]) == 8 and max(grid["workers"]) == 4096
+  assert min(grid["params"]) == 1e6 and max(grid["params"]) == 1e10
+  expected_points = (len(grid["workers"]) * len(grid["params"])
+                     * len(grid["gbit_per_s"]))
+  assert len(result["points"]) == expected_points
+  for point in result["points"][:5]:
+    assert point["best"] in ("dense", "sparse", "aligned", "arc")
+    assert point["best_speedup_over_dense"] >= 1.0 - 1e-12
+    assert set(point["layouts"]) == {"dense", "sparse", "aligned", "arc"}
+
+
+@pytest.mark.parametrize("name", ["selection", "scale_model"])
+def test_benchmarks_are_importable_modules(name):
+  assert (REPO_ROOT / "benchmarks" / f"{name}.py").is_file()
+  assert (REPO_ROOT / "benchmarks" / "__init__.py").is_file()

@@ -1,0 +1,125 @@
+"""Tests for `gsparse_jax._src.cost_model` against hand-computed numbers."""
+
+import doctest
+
+import pytest
+
+from gsparse_jax._src import cost_model as cm
+
+# alpha = 10 us, beta = 1 GB/s: easy arithmetic.
+NET = cm.Network(latency_s=1e-5, bandwidth_bytes_per_s=1e9)
+
+
+def test_network_from_gbit():
+  net = cm.network_from_gbit(100.0, latency_s=2e-6)
+  assert net.bandwidth_bytes_per_s == pytest.approx(12.5e9)
+  assert net.latency_s == 2e-6
+
+
+def test_ring_all_reduce():
+  # 2 * 3/4 * 1e6 / 1e9 + 2 * 3 * 1e-5 = 1.5e-3 + 6e-5
+  assert cm.ring_all_reduce_seconds(1e6, 4, NET) == pytest.approx(1.56e-3)
+  # One worker communicates nothing.
+  assert cm.ring_all_reduce_seconds(1e6, 1, NET) == 0.0
+
+
+def test_all_gather():
+  # 3 * 1e5 / 1e9 + 3 * 1e-5 = 3e-4 + 3e-5
+  assert cm.all_gather_seconds(1e5, 4, NET) == pytest.approx(3.3e-4)
+  assert cm.all_gather_seconds(1e5, 1, NET) == 0.0
+
+
+def test_budget_and_arc_rows():
+  assert cm.budget(1e6, 0.01) == 10_000
+  assert cm.budget(10, 1e-6) == 1
+  assert cm.arc_rows(1e6) == 1000  # rows of ~sqrt(d) = 1000 entries
+  assert cm.arc_rows(1001, row_size=10) == 101
+
+
+def test_dense_layout():
+  cost = cm.project_step(1e6, 4, NET, "dense")
+  # 2 * 3/4 * 4e6 / 1e9 + 6e-5
+  assert cost.communication_s == pytest.approx(6.06e-3)
+  assert cost.selection_s == 0.0
+  assert cost.bytes_per_worker == 4e6
+  assert cost.speedup_over_dense == pytest.approx(1.0)
+
+
+def test_sparse_layout():
+  cost = cm.project_step(1e6, 4, NET, "sparse", ratio=0.01,
+                         selection_s_per_element=2e-9)
+  # k = 1e4 pairs of 4 + 4 bytes: 3 * 8e4 / 1e9 + 3e-5 = 2.7e-4
+  assert cost.bytes_per_worker == 8e4
+  assert cost.communication_s == pytest.approx(2.7e-4)
+  assert cost.selection_s == pytest.approx(2e-3)
+  assert cost.total_s == pytest.approx(2.27e-3)
+  assert cost.speedup_over_dense == pytest.approx(6.06e-3 / 2.27e-3)
+
+
+def test_aligned_layout_half_precision():
+  cost = cm.project_step(1e6, 4, NET, "aligned", ratio=0.01,
+                         bytes_per_value=2)
+  # all-reduce of 1e4 * 2 bytes: 2 * 3/4 * 2e4 / 1e9 + 6e-5 = 9e-5
+  assert cost.communication_s == pytest.approx(9e-5)
+  # dense bf16: 2 * 3/4 * 2e6 / 1e9 + 6e-5 = 3.06e-3
+  assert cost.dense_s == pytest.approx(3.06e-3)
+  assert cost.speedup_over_dense == pytest.approx(3.06e-3 / 9e-5)
+
+
+def test_arc_layout():
+  cost = cm.project_step(1e6, 4, NET, "arc", ratio=0.01, sketch_rank=4)
+  # sketch: 1000 rows * 4 * 4 bytes = 16e3 -> 2 * .75 * 16e3 / 1e9 + 6e-5
+  # rows:   1e4 * 4 bytes = 4e4        -> 2 * .75 * 4e4 / 1e9 + 6e-5
+  sketch_s = 1.5 * 16e3 / 1e9 + 6e-5
+  rows_s = 1.5 * 4e4 / 1e9 + 6e-5
+  assert cost.bytes_per_worker == 16e3 + 4e4
+  assert cost.communication_s == pytest.approx(sketch_s + rows_s)
+
+
+def test_sparse_payload_grows_with_workers_but_aligned_does_not():
+  net = cm.Network(latency_s=0.0, bandwidth_bytes_per_s=1.25e9)
+  sparse = [cm.project_step(1e8, n, net, "sparse", ratio=0.01)
+            for n in (8, 4096)]
+  aligned = [cm.project_step(1e8, n, net, "aligned", ratio=0.01)
+             for n in (8, 4096)]
+  assert sparse[1].communication_s > 100 * sparse[0].communication_s
+  assert aligned[1].communication_s < 1.2 * aligned[0].communication_s
+  # At 4096 workers the sparse all-gather is slower than dense.
+  assert sparse[1].speedup_over_dense < 1.0
+
+
+def test_best_layout():
+  slow = cm.network_from_gbit(1.0)
+  best = cm.best_layout(1e9, 16, slow, ratio=0.001,
+                        selection_s_per_element=1e-9)
+  assert best.layout in ("aligned", "arc")
+  # With one worker nothing is sent, so selection only adds time.
+  assert cm.best_layout(1e9, 1, slow, ratio=0.01,
+                        selection_s_per_element=1e-9).layout == "dense"
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [(dict(layout="ring"), "layout must be one of"),
+     (dict(ratio=0.0), "ratio must satisfy 0 < ratio <= 1"),
+     (dict(ratio=1.5), "ratio must satisfy 0 < ratio <= 1"),
+     (dict(num_workers=0), "num_workers must be an int >= 1"),
+     (dict(num_workers=2.5), "num_workers must be an int >= 1"),
+     (dict(num_params=0), "num_params must be >= 1"),
+     (dict(selection_s_per_element=-1.0), "selection_s_per_element")])
+def test_invalid_arguments_raise(kwargs, message):
+  args = dict(num_params=1e6, num_workers=4, network=NET, layout="sparse")
+  args.update(kwargs)
+  with pytest.raises(ValueError, match=message):
+    cm.project_step(**args)
+
+
+def test_network_validation():
+  with pytest.raises(ValueError, match="gbit_per_s must be > 0"):
+    cm.network_from_gbit(0.0)
+  with pytest.raises(ValueError, match="latency_s must be >= 0"):
+    cm.network_from_gbit(1.0, latency_s=-1.0)
+
+
+def test_docstring_example():
+  assert doctest.testmod(cm).failed == 0
