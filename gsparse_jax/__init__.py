@@ -1,5 +1,7 @@
 """gsparse_jax: gradient sparsification for JAX, as optax transformations."""
 
+from gsparse_jax._src import cost_model
+
 from gsparse_jax._src.aggregate import aggregate
 from gsparse_jax._src.approximate import approx_top_k
 from gsparse_jax._src.arc_top_k import arc_top_k
@@ -36,6 +38,7 @@ __all__ = (
     "calibrate_threshold",
     "comm_stats",
     "compress",
+    "cost_model",
     "dense",
     "gaussian_k",
     "hard_threshold",

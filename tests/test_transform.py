@@ -323,3 +323,15 @@ def test_single_worker_sgd_with_dense_equals_plain_sgd():
     u2, s2 = ours.update(g, s2, p2)
     p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
   chex.assert_trees_all_close(p1, p2)
+
+
+def test_state_from_eager_init_can_be_donated():
+  """No two state leaves share a buffer, so a step may donate the state."""
+  tx = optax.chain(gs.sparsify(gs.top_k(0.5), feedback="ef21m"),
+                   optax.adam(1e-3))
+  params = {"w": jnp.zeros((6,)), "b": jnp.zeros((2,))}
+  state = tx.init(params)
+  step = jax.jit(lambda g, s: tx.update(g, s, params), donate_argnums=(1,))
+  for _ in range(2):
+    _, state = step(jax.tree.map(jnp.ones_like, params), state)
+  assert gs.comm_stats(state)["steps"] == 2

@@ -47,10 +47,9 @@ _COUNTERS = ("sent_values", "sent_bytes", "dense_values", "dense_bytes",
 
 
 def init_stats() -> CommStats:
-  zero_step = jnp.zeros((1,), jnp.int32)
-  zero_counter = jnp.zeros((1, 2), jnp.uint32)
-  return CommStats(zero_step, zero_step,
-                   *(zero_counter for _ in _COUNTERS))
+  # A fresh array per field: shared buffers could not be donated to a step.
+  return CommStats(jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32),
+                   *(jnp.zeros((1, 2), jnp.uint32) for _ in _COUNTERS))
 
 
 def add_to_counter(counter: jax.Array, value: Union[int, jax.Array]
