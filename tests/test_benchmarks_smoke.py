@@ -1,4 +1,4 @@
-"""Smoke tests: the selection and scale-model benchmarks run with --quick.
+"""Smoke tests: every benchmark runs with --quick.
 
 Each runs as `python -m benchmarks.NAME --out DIR --quick` from the
 repository root, and must write a valid JSON with the expected keys and a
@@ -65,7 +65,37 @@ def test_scale_model_benchmark(tmp_path):
     assert set(point["layouts"]) == {"dense", "sparse", "aligned", "arc"}
 
 
-@pytest.mark.parametrize("name", ["selection", "scale_model"])
+@pytest.mark.parametrize("name", ["selection", "scale_model", "bytes",
+                                  "step_overhead"])
 def test_benchmarks_are_importable_modules(name):
   assert (REPO_ROOT / "benchmarks" / f"{name}.py").is_file()
   assert (REPO_ROOT / "benchmarks" / "__init__.py").is_file()
+
+
+def test_bytes_benchmark(tmp_path):
+  result = run_benchmark("bytes", tmp_path)
+  rows = result["results"]
+  k = round(result["ratio"] * result["size"])
+  for n in ("2", "8"):
+    # Hand-computed payloads: value + int32 index for Top-k, values only
+    # for shared Rand-k, the whole float32 vector for dense.
+    assert rows["top_k"][n]["payload_bytes"] == k * 8
+    assert rows["rand_k_shared"][n]["payload_bytes"] == k * 4
+    assert rows["dense"][n]["payload_bytes"] == result["size"] * 4
+  # The all-gather's traffic grows with workers; ARC's all-reduce does not.
+  assert rows["top_k"]["8"]["traffic_bytes"] == 7 * k * 8
+  assert rows["top_k"]["2"]["traffic_bytes"] == k * 8
+  assert rows["arc_top_k"]["8"]["payload_bytes"] == rows["arc_top_k"]["2"][
+      "payload_bytes"]
+  assert (rows["arc_top_k"]["8"]["traffic_bytes"]
+          < 2 * rows["arc_top_k"]["8"]["payload_bytes"])
+
+
+def test_step_overhead_benchmark(tmp_path):
+  result = run_benchmark("step_overhead", tmp_path)
+  steps = result["shard_map"]["steps"]
+  assert {"sgd (dense all-reduce)", "top_k(0.01)", "dense()"} <= set(steps)
+  assert steps["sgd (dense all-reduce)"]["ratio_to_sgd"] == 1.0
+  for size_rows in result["single_device"].values():
+    assert size_rows["sgd"]["ratio_to_sgd"] == 1.0
+    assert all(row["seconds"] > 0 for row in size_rows.values())
