@@ -16,6 +16,12 @@ import pytest
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory):
+  """One directory all the quick benchmarks write into (for the report)."""
+  return tmp_path_factory.mktemp("benchmarks")
+
+
 def run_benchmark(name: str, out_dir: pathlib.Path) -> dict:
   env = dict(os.environ)
   env["PYTHONPATH"] = os.pathsep.join(
@@ -31,8 +37,8 @@ def run_benchmark(name: str, out_dir: pathlib.Path) -> dict:
     return json.load(f)
 
 
-def test_selection_benchmark(tmp_path):
-  result = run_benchmark("selection", tmp_path)
+def test_selection_benchmark(results_dir):
+  result = run_benchmark("selection", results_dir)
   assert {"machine", "config", "results"} <= set(result)
   assert result["results"]
   methods = {"threshold", "sort", "auto", "lax.top_k", "lax.approx_max_k",
@@ -48,8 +54,8 @@ def test_selection_benchmark(tmp_path):
         assert timing["same_set_as_threshold"], name
 
 
-def test_scale_model_benchmark(tmp_path):
-  result = run_benchmark("scale_model", tmp_path)
+def test_scale_model_benchmark(results_dir):
+  result = run_benchmark("scale_model", results_dir)
   assert {"machine", "selection", "model", "grid", "points", "wins"} <= set(
       result)
   assert result["selection"]["seconds_per_element"] > 0
@@ -72,8 +78,8 @@ def test_benchmarks_are_importable_modules(name):
   assert (REPO_ROOT / "benchmarks" / "__init__.py").is_file()
 
 
-def test_bytes_benchmark(tmp_path):
-  result = run_benchmark("bytes", tmp_path)
+def test_bytes_benchmark(results_dir):
+  result = run_benchmark("bytes", results_dir)
   rows = result["results"]
   k = round(result["ratio"] * result["size"])
   for n in ("2", "8"):
@@ -91,11 +97,35 @@ def test_bytes_benchmark(tmp_path):
           < 2 * rows["arc_top_k"]["8"]["payload_bytes"])
 
 
-def test_step_overhead_benchmark(tmp_path):
-  result = run_benchmark("step_overhead", tmp_path)
+def test_step_overhead_benchmark(results_dir):
+  result = run_benchmark("step_overhead", results_dir)
   steps = result["shard_map"]["steps"]
   assert {"sgd (dense all-reduce)", "top_k(0.01)", "dense()"} <= set(steps)
   assert steps["sgd (dense all-reduce)"]["ratio_to_sgd"] == 1.0
   for size_rows in result["single_device"].values():
     assert size_rows["sgd"]["ratio_to_sgd"] == 1.0
     assert all(row["seconds"] > 0 for row in size_rows.values())
+    update = size_rows["sparsify(top_k(0.01)) update"]
+    assert update["ratio_to_read_write"] == pytest.approx(
+        update["seconds"] / update["read_write_s"])
+
+
+def test_report_rebuilds_readme_tables_from_json(results_dir, tmp_path):
+  """Runs after the four benchmarks above have written their JSON."""
+  readme = tmp_path / "README.md"
+  readme.write_text("intro\n<!-- report:begin -->\nSTALE-TABLE\n<!-- report:end -->"
+                    "\noutro\n")
+  completed = subprocess.run(
+      [sys.executable, "-m", "benchmarks.report", "--out", str(results_dir),
+       "--from-json", "--readme", str(readme)],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  text = readme.read_text()
+  assert text.startswith("intro\n") and text.endswith("outro\n")
+  assert "STALE-TABLE" not in text
+  for title in ("### Selection", "### Step overhead", "### Bytes per step",
+                "### Scale model"):
+    assert title in text
+  bytes_result = json.loads((results_dir / "bytes.json").read_text())
+  top_k = bytes_result["results"]["top_k"]["8"]
+  assert f"| top_k | sparse | {top_k['payload_bytes']:.0f} |" in text
