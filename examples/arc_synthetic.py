@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import common
 import gsparse_jax as gs
 
 AXIS = "workers"
@@ -157,28 +158,22 @@ def run_all(*, steps: int = 1000, lr: float = 0.002, ratio: float = 0.05,
 
 
 def plot(results: dict, path: str, initial: float) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
   feedbacks = sorted({r["feedback"] for r in results.values()},
                      key=FEEDBACKS.index)
-  fig, axes = plt.subplots(1, len(feedbacks), figsize=(5 * len(feedbacks), 4),
-                           sharey=True, squeeze=False)
-  for ax, feedback in zip(axes[0], feedbacks):
-    for method, r in results.items():
-      if r["feedback"] == feedback:
-        curve = [initial] + r["distance"]
-        ax.semilogy(curve, label=r["compressor"])
-    ax.set_title(f"feedback={feedback!r}")
-    ax.set_xlabel("step")
-    ax.grid(True, which="both", alpha=0.3)
-  axes[0][0].set_ylabel(r"$\|w_t - w^*\|$")
-  axes[0][0].legend()
-  fig.suptitle("Robust shifted objective: 10 workers, d = 2000, ratio 0.05")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  with common.figure(path, nrows=1, ncols=len(feedbacks),
+                     figsize=(5 * len(feedbacks), 4), sharey=True,
+                     squeeze=False) as (fig, axes):
+    for ax, feedback in zip(axes[0], feedbacks):
+      for r in results.values():
+        if r["feedback"] == feedback:
+          curve = [initial] + r["distance"]
+          ax.semilogy(curve, label=r["compressor"])
+      ax.set_title(f"feedback={feedback!r}")
+      ax.set_xlabel("step")
+      ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel(r"$\|w_t - w^*\|$")
+    axes[0][0].legend()
+    fig.suptitle("Robust shifted objective: 10 workers, d = 2000, ratio 0.05")
 
 
 def main(argv=None) -> dict:

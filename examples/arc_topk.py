@@ -48,37 +48,19 @@ import os
 import sys
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from sklearn.datasets import load_digits
 
+import common
 import gsparse_jax as gs
 
 AXIS = "workers"
 
 
-class MLP(nn.Module):
-  hidden: int = 128
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(nn.Dense(self.hidden)(x))
-    x = nn.relu(nn.Dense(self.hidden)(x))
-    return nn.Dense(10)(x)
-
-
-@functools.lru_cache(maxsize=None)
-def load_data(seed: int):
-  digits = load_digits()
-  x = (digits.data / 16.0).astype(np.float32)
-  y = digits.target.astype(np.int32)
-  order = np.random.default_rng(seed).permutation(len(x))
-  x, y = x[order], y[order]
-  split = 1400
-  return (x[:split], y[:split]), (x[split:], y[split:])
+# Cached: several methods train on the same split.
+load_data = functools.lru_cache(maxsize=None)(common.digits_split)
 
 
 def sent_bytes_per_step(compressor: gs.Compressor, size: int) -> int:
@@ -136,7 +118,7 @@ def train(compressor, feedback, *, workers, steps, batch_per_worker, lr,
           momentum, eval_every, seed):
   """Trains one method; returns accuracy curve and communication figures."""
   (x_train, y_train), (x_test, y_test) = load_data(seed)
-  model = MLP()
+  model = common.MLP()
   params = model.init(jax.random.key(seed), jnp.ones((1, 64)))
   tx = optax.chain(
       gs.sparsify(compressor, feedback=feedback, axis_name=AXIS,
@@ -204,23 +186,16 @@ def train(compressor, feedback, *, workers, steps, batch_per_worker, lr,
 
 
 def plot(results: dict, path: str, title: str) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
-  fig, ax = plt.subplots(figsize=(6.5, 4.2))
-  for name, r in results.items():
-    ax.plot(np.asarray(r["curve"]["bytes"]) / 1e6, r["curve"]["accuracy"],
-            label=f"{name} ({r['sent_bytes_per_step'] / 1e3:.1f} kB/step)")
-  ax.set_xscale("log")
-  ax.set_xlabel("MB sent per worker (cumulative)")
-  ax.set_ylabel("test accuracy")
-  ax.set_title(title)
-  ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  with common.figure(path, figsize=(6.5, 4.2)) as (_, ax):
+    for name, r in results.items():
+      ax.plot(np.asarray(r["curve"]["bytes"]) / 1e6, r["curve"]["accuracy"],
+              label=f"{name} ({r['sent_bytes_per_step'] / 1e3:.1f} kB/step)")
+    ax.set_xscale("log")
+    ax.set_xlabel("MB sent per worker (cumulative)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def main(argv=None) -> dict:
@@ -241,7 +216,7 @@ def main(argv=None) -> dict:
   eval_every = max(1, min(args.eval_every, args.steps))
   steps = max(eval_every, args.steps // eval_every * eval_every)
 
-  params = MLP().init(jax.random.key(args.seed), jnp.ones((1, 64)))
+  params = common.MLP().init(jax.random.key(args.seed), jnp.ones((1, 64)))
   size = sum(leaf.size for leaf in jax.tree.leaves(params))
   methods = methods_at_budget(args.ratio, size)
   print(f"{args.workers} workers, {steps} steps, MLP with {size} params on "

@@ -20,38 +20,17 @@ import time
 # 8 simulated devices on CPU; must be set before JAX starts.
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
 
+import common  # noqa: E402
 import gsparse_jax as gs  # noqa: E402
 
 AXIS = "data"
-
-
-class MLP(nn.Module):
-  hidden: int = 128
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(nn.Dense(self.hidden)(x))
-    x = nn.relu(nn.Dense(self.hidden)(x))
-    return nn.Dense(10)(x)
-
-
-def load_data(seed: int):
-  digits = load_digits()
-  x = (digits.data / 16.0).astype(np.float32)
-  y = digits.target.astype(np.int32)
-  order = np.random.default_rng(seed).permutation(len(x))
-  x, y = x[order], y[order]
-  split = 1400
-  return (x[:split], y[:split]), (x[split:], y[split:])
 
 
 def loss_fn(params, model, x, y):
@@ -64,8 +43,8 @@ def train(compressor, *, steps: int, batch_per_worker: int, seed: int,
   """Trains with `compressor` on all devices; returns accuracy and stats."""
   mesh = jax.make_mesh((jax.device_count(),), (AXIS,))
   workers = mesh.size
-  (x_train, y_train), (x_test, y_test) = load_data(seed)
-  model = MLP()
+  (x_train, y_train), (x_test, y_test) = common.digits_split(seed)
+  model = common.MLP()
   params = model.init(jax.random.key(seed), jnp.ones((1, 64)))
 
   tx = optax.chain(gs.sparsify(compressor, feedback="ef", axis_name=AXIS),

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import common
 import gsparse_jax as gs
 
 AXIS = "workers"
@@ -204,35 +205,23 @@ def sweep(args, data) -> dict:
 
 
 def plot_curves(results: dict, path: str, title: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for name, r in results.items():
-    ax.plot(r["curve"], label=name)
-  ax.set_xlabel("round")
-  ax.set_ylabel(r"$\log_{10}\|x_t - x^*\|^2$")
-  ax.set_title(title)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  with common.figure(path, figsize=(7, 4.5)) as (_, ax):
+    for name, r in results.items():
+      ax.plot(r["curve"], label=name)
+    ax.set_xlabel("round")
+    ax.set_ylabel(r"$\log_{10}\|x_t - x^*\|^2$")
+    ax.set_title(title)
+    ax.legend()
 
 
 def plot_sweep(result: dict, path: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 4.5))
-  ax.plot(result["ratios"], result["top_k"], "o-k", label="Top-k")
-  for mu, finals in result["reg_top_k"].items():
-    ax.plot(result["ratios"], finals, "s--", label=f"RegTop-k mu={mu}")
-  ax.set_xlabel("ratio k/d")
-  ax.set_ylabel(r"final $\log_{10}\|x - x^*\|^2$")
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  with common.figure(path, figsize=(6, 4.5)) as (_, ax):
+    ax.plot(result["ratios"], result["top_k"], "o-k", label="Top-k")
+    for mu, finals in result["reg_top_k"].items():
+      ax.plot(result["ratios"], finals, "s--", label=f"RegTop-k mu={mu}")
+    ax.set_xlabel("ratio k/d")
+    ax.set_ylabel(r"final $\log_{10}\|x - x^*\|^2$")
+    ax.legend()
 
 
 def main(argv=None) -> dict:

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import common
 import gsparse_jax as gs
 
 AXIS = "workers"
@@ -84,26 +85,20 @@ def run(compressor: gs.Compressor, *, steps: int, lr: float) -> np.ndarray:
 
 
 def plot(results: dict, path: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 4))
   labels = {"dense": "dense SGD", "top_k": "Top-k + EF",
             "reg_top_k": "RegTop-k + EF"}
   # Dense and RegTop-k nearly coincide: draw dense wide, RegTop-k dashed.
   styles = {"dense": dict(color="0.6", linewidth=4),
             "reg_top_k": dict(linestyle="--")}
-  for name, result in results.items():
-    ax.plot(result["loss"], label=labels.get(name, name),
-            **styles.get(name, {}))
-  ax.set_xlabel("step")
-  ax.set_ylabel("logistic loss")
-  ax.set_yscale("log")
-  ax.set_title("Two workers with cancelling gradients (k = 1)")
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  with common.figure(path, figsize=(6, 4)) as (_, ax):
+    for name, result in results.items():
+      ax.plot(result["loss"], label=labels.get(name, name),
+              **styles.get(name, {}))
+    ax.set_xlabel("step")
+    ax.set_ylabel("logistic loss")
+    ax.set_yscale("log")
+    ax.set_title("Two workers with cancelling gradients (k = 1)")
+    ax.legend()
 
 
 def main(argv=None) -> dict:

@@ -5,8 +5,15 @@ in gsparse_jax/ see it too); repeating it here keeps `pytest tests/...` run
 from any directory correct.
 """
 
+import pathlib
+import sys
+
 import jax
 import pytest
+
+# The example scripts import their shared module `common` from examples/.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] /
+                       "examples"))
 
 jax.config.update("jax_num_cpu_devices", 8)
 
