@@ -240,3 +240,36 @@ def test_invalid_arguments_raise(kwargs, message):
 def test_non_flat_input_raises():
   with pytest.raises(ValueError, match="x must be a 1-D array"):
     selection.top_k_abs(jnp.ones((2, 4)), 2)
+
+
+@hypothesis.settings(max_examples=30, deadline=None)
+# Few distinct shapes (each compiles once); unaligned sizes included.
+@hypothesis.given(size=st.sampled_from([1, 33, 1024, 3001]),
+                  capacity=st.sampled_from([1, 64, 400]),
+       quantile=st.floats(0.0, 1.0), strict=st.booleans(),
+       seed=st.integers(0, 2**31 - 1), ties=st.booleans())
+def test_count_and_compact_at_least_match_numpy(size, capacity, quantile,
+                                                strict, seed, ties):
+  rng = np.random.default_rng(seed)
+  x = rng.standard_t(2, size=size).astype(np.float32)
+  if ties:
+    x = np.round(x)  # many entries equal to the threshold
+  threshold = np.float32(np.quantile(np.abs(x), quantile))
+  passing = np.abs(x) > threshold if strict else np.abs(x) >= threshold
+  expected = np.flatnonzero(passing)
+
+  count = selection.count_at_least(jnp.asarray(x), threshold, strict=strict)
+  indices, passed = selection.compact_at_least(jnp.asarray(x), threshold,
+                                               capacity, strict=strict)
+  assert int(count) == int(passed) == expected.size
+  kept = min(capacity, expected.size)
+  np.testing.assert_array_equal(np.asarray(indices)[:kept], expected[:kept])
+  np.testing.assert_array_equal(np.asarray(indices)[kept:], size)
+
+
+@pytest.mark.parametrize("threshold, strict, expected", [
+    (-1.0, False, 4), (-1.0, True, 4), (0.0, False, 4), (0.0, True, 3),
+    (float("inf"), False, 0), (2.0, True, 0), (2.0, False, 1)])
+def test_count_at_least_edge_thresholds(threshold, strict, expected):
+  x = jnp.array([0.0, -2.0, 1.0, 0.5])
+  assert int(selection.count_at_least(x, threshold, strict=strict)) == expected

@@ -201,6 +201,70 @@ def kth_largest_abs(x: jax.Array, k: int, method: str = "auto") -> jax.Array:
   return jnp.min(jnp.abs(x[indices]))
 
 
+def count_at_least(x: jax.Array, threshold: jax.Array, *,
+                   strict: bool = False) -> jax.Array:
+  """Number of entries with ``|x| >= threshold`` (``>`` if ``strict``).
+
+  One fast pass over ``x`` (no boolean reduction, no ``|x|`` temporary).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> int(count_at_least(jnp.array([0.5, -2.0, 1.0]), 1.0))
+    2
+
+  Args:
+    x: 1-D float array of at most 32 bits.
+    threshold: float scalar (may be traced).
+    strict: compare with ``>`` instead of ``>=``.
+
+  Returns:
+    int32 scalar.
+  """
+  return _count_ge(x, _threshold_bits(threshold, strict))
+
+
+def compact_at_least(x: jax.Array, threshold: jax.Array, capacity: int, *,
+                     strict: bool = False) -> tuple[jax.Array, jax.Array]:
+  """Indices of the entries with ``|x| >= threshold``, in a fixed buffer.
+
+  One pass over ``x`` packs the passing entries into bit words; the indices
+  are then extracted from the ~``d/32`` words only, never with a full-size
+  `nonzero` or prefix sum.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> idx, n = compact_at_least(jnp.array([0.5, -2.0, 1.0, 3.0]), 1.0, 2)
+    >>> idx.tolist(), int(n)
+    ([1, 2], 3)
+
+  Args:
+    x: 1-D float array of at most 32 bits.
+    threshold: float scalar (may be traced).
+    capacity: static number of slots.
+    strict: compare with ``>`` instead of ``>=``.
+
+  Returns:
+    ``(indices, passed)``: int32 ``(capacity,)`` indices of the first
+    ``min(passed, capacity)`` passing entries in increasing order, padded
+    with ``x.size``; and the int32 number of entries that passed (which may
+    exceed ``capacity``).
+  """
+  size = x.shape[0]
+  words = _pack_words(x, _threshold_bits(threshold, strict))
+  passed = _total_popcount(words)
+  valid = jnp.arange(capacity, dtype=jnp.int32) < passed
+  return jnp.where(valid, _unpack_words(words, capacity), size), passed
+
+
+def _threshold_bits(threshold: jax.Array, strict: bool) -> jax.Array:
+  """Magnitude bits ``t`` such that ``bits(|x|) >= t`` is the comparison."""
+  threshold = jnp.asarray(threshold, jnp.float32)
+  bits = lax.bitcast_convert_type(jnp.maximum(threshold, 0.0), jnp.int32)
+  if strict:  # |x| > t  <=>  bits(|x|) >= bits(t) + 1, for t >= 0
+    return jnp.where(threshold < 0, 0, bits + 1)
+  return bits
+
+
 def resolve_method(method: str, size: int, k: int, dtype=jnp.float32) -> str:
   """Validates `method` and turns `"auto"` into `"sort"` or `"threshold"`.
 

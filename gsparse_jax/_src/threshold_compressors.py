@@ -36,36 +36,30 @@ def capacity_from(capacity_ratio: float, size: int) -> int:
   return int(min(size, max(1, round(capacity_ratio * size))))
 
 
-def threshold_payload(x: jax.Array, passing: jax.Array, capacity: int
-                      ) -> payload_lib.Payload:
-  """The entries of ``x`` where ``passing``, in a ``capacity``-slot payload.
+def threshold_payload(x: jax.Array, threshold: jax.Array, capacity: int, *,
+                      strict: bool = False) -> payload_lib.Payload:
+  """The entries with ``|x| >= threshold`` (``>`` if strict), ``capacity`` slots.
 
   When they fit, they are compacted in index order (no sort). When they do
   not, the passing entries are exactly the largest magnitudes of ``x``, so a
   Top-``capacity`` of ``x`` keeps the largest of them; the rest is overflow.
+  Both paths use the fast kernels of `selection` (one pass over ``x``).
 
   Args:
     x: the 1-D vector being compressed.
-    passing: boolean mask of the entries selected by the threshold. It must
-      be "magnitude closed": every entry larger in magnitude than a passing
-      one also passes (true for ``|x| >= t`` and ``|x| > t``).
+    threshold: float scalar (may be traced).
     capacity: the static number of payload slots.
+    strict: compare with ``>`` instead of ``>=``.
 
   Returns:
     A sparse `Payload` with ``count = min(passed, capacity)`` and
     ``overflow = max(passed - capacity, 0)``.
   """
-  size = x.shape[0]
-  passed = jnp.sum(passing, dtype=jnp.int32)
-
-  def compact(_):
-    return jnp.nonzero(passing, size=capacity, fill_value=size)[0].astype(
-        jnp.int32)
-
-  def largest(_):
-    return selection.top_k_abs(x, capacity).astype(jnp.int32)
-
-  indices = jax.lax.cond(passed <= capacity, compact, largest, None)
+  indices, passed = selection.compact_at_least(x, threshold, capacity,
+                                               strict=strict)
+  indices = jax.lax.cond(
+      passed <= capacity, lambda: indices,
+      lambda: selection.top_k_abs(x, capacity, method="auto"))
   count = jnp.minimum(passed, capacity)
   sent = payload_lib.sparse_payload(x, indices, count, x.dtype)
   return dataclasses.replace(sent, overflow=jnp.maximum(passed - capacity, 0))
@@ -84,8 +78,7 @@ class HardThreshold(compressors.Compressor):
 
   def select(self, x, state, key, axis_name):
     del state, key, axis_name
-    passing = jnp.abs(x) >= self.threshold
-    return threshold_payload(x, passing, self.capacity(x.shape[0]))
+    return threshold_payload(x, self.threshold, self.capacity(x.shape[0]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,8 +104,8 @@ class GaussianK(compressors.Compressor):
 
   def select(self, x, state, key, axis_name):
     del state, key, axis_name
-    passing = jnp.abs(x) > self.threshold(x)
-    return threshold_payload(x, passing, self.capacity(x.shape[0]))
+    return threshold_payload(x, self.threshold(x), self.capacity(x.shape[0]),
+                             strict=True)
 
 
 def gaussian_threshold(x: jax.Array, k: int,
@@ -144,7 +137,7 @@ def gaussian_threshold(x: jax.Array, k: int,
   low, high = 2.0 * k / 3.0, 4.0 * k / 3.0
 
   def count_above(t):
-    return jnp.sum(jnp.abs(x) > t, dtype=jnp.int32)
+    return selection.count_at_least(x, t, strict=True)
 
   def out_of_band(count):
     return (count < low) | (count > high)
