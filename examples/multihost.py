@@ -16,7 +16,6 @@ To try it on one machine, `--launch-local 2` starts 2 processes on
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import socket
 import subprocess
@@ -35,11 +34,6 @@ import gsparse_jax as gs
 AXIS = "data"
 
 
-def loss_fn(params, model, x, y):
-  logits = model.apply(params, x)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-
 def train(args) -> None:
   jax.config.update("jax_num_cpu_devices", args.local_devices)
   jax.distributed.initialize(coordinator_address=args.coordinator,
@@ -51,19 +45,7 @@ def train(args) -> None:
   params = model.init(jax.random.key(args.seed), jnp.ones((1, 64)))
   tx = optax.chain(gs.sparsify(gs.top_k(args.ratio), axis_name=AXIS),
                    optax.adam(args.lr))
-  specs = gs.state_partition_specs(jax.eval_shape(tx.init, params), AXIS)
-  opt_state = jax.jit(jax.shard_map(tx.init, mesh=mesh, in_specs=P(),
-                                    out_specs=specs))(params)
-
-  @jax.jit
-  @functools.partial(jax.shard_map, mesh=mesh,
-                     in_specs=(P(), specs, P(AXIS), P(AXIS)),
-                     out_specs=(P(), specs, P()))
-  def step(params, opt_state, x, y):
-    loss, grads = gs.local_value_and_grad(loss_fn, AXIS)(params, model, x, y)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state,
-            jax.lax.pmean(loss, AXIS))
+  opt_state, step = common.sharded_training(model, params, tx, mesh, AXIS)
 
   # Every process draws the same global batch; each device keeps its rows.
   rng = np.random.default_rng(args.seed)

@@ -11,7 +11,6 @@ Run:  python examples/quickstart.py [--steps 300] [--ratio 0.01] [--out DIR]
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -33,11 +32,6 @@ import gsparse_jax as gs  # noqa: E402
 AXIS = "data"
 
 
-def loss_fn(params, model, x, y):
-  logits = model.apply(params, x)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-
 def train(compressor, *, steps: int, batch_per_worker: int, seed: int,
           lr: float):
   """Trains with `compressor` on all devices; returns accuracy and stats."""
@@ -49,20 +43,7 @@ def train(compressor, *, steps: int, batch_per_worker: int, seed: int,
 
   tx = optax.chain(gs.sparsify(compressor, feedback="ef", axis_name=AXIS),
                    optax.adam(lr))
-  specs = gs.state_partition_specs(jax.eval_shape(tx.init, params), AXIS)
-  opt_state = jax.jit(jax.shard_map(tx.init, mesh=mesh, in_specs=P(),
-                                    out_specs=specs))(params)
-
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
-  @functools.partial(jax.shard_map, mesh=mesh,
-                     in_specs=(P(), specs, P(AXIS), P(AXIS)),
-                     out_specs=(P(), specs, P()))
-  def step(params, opt_state, x, y):
-    # The local gradient: plain jax.grad here would all-reduce it densely.
-    loss, grads = gs.local_value_and_grad(loss_fn, AXIS)(params, model, x, y)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state,
-            jax.lax.pmean(loss, AXIS))
+  opt_state, step = common.sharded_training(model, params, tx, mesh, AXIS)
 
   rng = np.random.default_rng(seed)
   sharding = NamedSharding(mesh, P(AXIS))
