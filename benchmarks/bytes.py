@@ -21,7 +21,6 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import gsparse_jax as gs
 from benchmarks import _common

@@ -16,7 +16,6 @@ To try it on one machine, `--launch-local 2` starts 2 processes on
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import subprocess
 import sys

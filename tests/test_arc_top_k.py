@@ -114,7 +114,7 @@ def test_sparsify_agrees_across_vmap_shard_map_and_pmap(mesh):
 
 
 def test_single_worker_without_axis_name():
-  d, row_len = 60, 6
+  row_len = 6  # 10 rows of 6: a vector of 60
   compressor = gs.arc_top_k(0.3, rank=2, row_size=row_len)
   x = heterogeneous_rows(np.random.default_rng(1), 1, 10, row_len)[0]
   key = jax.random.key(3)

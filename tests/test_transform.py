@@ -1,6 +1,5 @@
 """sparsify(): NumPy references in every mapping context, pytrees, chains."""
 
-import functools
 
 import chex
 import jax
