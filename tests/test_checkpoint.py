@@ -4,12 +4,16 @@ Resuming from a checkpoint gives the same trajectory as not stopping: the
 error memory, RNG step count and statistics are all in the state.
 """
 
+import functools
+
 import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import gsparse_jax as gs
 
@@ -75,3 +79,44 @@ def test_flax_serialization_round_trip_resumes_same_trajectory():
     return flax.serialization.from_bytes(template, blob)
 
   _resume_equals_uninterrupted(save_and_restore)
+
+
+def test_sharded_state_round_trips_with_every_workers_memory(tmp_path, mesh):
+  """The shard_map state (memory sharded over 8 devices) saves and restores
+  with its sharding, and training resumes on the same trajectory."""
+  axis = "data"
+  tx = optax.chain(gs.sparsify(gs.top_k(0.25), axis_name=axis),
+                   optax.adam(1e-2))
+  params = {"w": jnp.zeros((8, 4))}
+  specs = gs.state_partition_specs(jax.eval_shape(tx.init, params), axis)
+  opt_state = jax.jit(jax.shard_map(tx.init, mesh=mesh, in_specs=P(),
+                                    out_specs=specs))(params)
+
+  @jax.jit
+  @functools.partial(jax.shard_map, mesh=mesh,
+                     in_specs=(P(), specs, P(axis)), out_specs=(P(), specs))
+  def step(params, opt_state, grads):
+    updates, opt_state = tx.update(jax.tree.map(lambda g: g[0], grads),
+                                   opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  def run(params, opt_state, steps):
+    for t in steps:
+      g = np.random.default_rng(t).normal(size=(8, 8, 4)).astype(np.float32)
+      grads = jax.device_put({"w": g}, NamedSharding(mesh, P(axis)))
+      params, opt_state = step(params, opt_state, grads)
+      jax.block_until_ready(params)
+    return params, opt_state
+
+  full = run(params, opt_state, range(4))
+  half = run(params, opt_state, range(2))
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / "sharded", half)
+  checkpointer.wait_until_finished()
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, half)
+  restored = checkpointer.restore(tmp_path / "sharded", abstract)
+  memory = restored[1][0].memory[0]
+  assert memory.shape == (8, 32) and memory.sharding.spec[0] == axis
+  np.testing.assert_array_equal(memory, half[1][0].memory[0])
+  resumed = run(*restored, range(2, 4))
+  jax.tree.map(np.testing.assert_array_equal, resumed, full)
