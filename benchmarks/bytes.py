@@ -118,11 +118,11 @@ def main(argv=None):
     ax.set_yscale("log")
     ax.set_xlabel("workers")
     ax.set_ylabel("bytes sent per worker per step (ring collective)")
-    ax.set_title(f"d = {size:,}, ratio {args.ratio}: all-gather (dashed) "
-                 "grows with workers")
+    ax.set_title(f"d = {size:,}, ratio {args.ratio}\nall-gather (dashed) "
+                 "grows with workers, all-reduce does not")
     ax.legend(fontsize=7)
 
-  _common.write_plot(args.out, "bytes", plot)
+  _common.write_plot(args.out, "bytes", plot, figsize=(8.0, 5.5))
   return output
 
 
