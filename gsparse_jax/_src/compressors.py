@@ -240,7 +240,7 @@ def top_k(ratio: Optional[float] = None, *, k: Optional[int] = None,
     raise ValueError(f"`k` must be an integer >= 1, got {k!r}.")
   else:
     k = int(k)
-  check_choice(method, "method", ("auto", "sort", "threshold"))
+  check_choice(method, "method", selection.METHODS)
   return TopK(ratio=ratio, k=k, method=method)
 
 

@@ -17,7 +17,6 @@ import jax.numpy as jnp
 SPARSE = "sparse"  # (index, value) pairs that differ per worker: all-gather.
 ALIGNED = "aligned"  # indices identical on every worker: psum of the values.
 DENSE = "dense"  # the whole vector: psum.
-LAYOUTS = (SPARSE, ALIGNED, DENSE)
 
 INDEX_BYTES = 4  # indices travel as int32
 

@@ -161,5 +161,5 @@ def reg_top_k(ratio: float, *, mu: float = 4.0,
   if (isinstance(mu, bool) or not isinstance(mu, numbers.Real)
       or not 0.0 < float(mu) < math.inf):
     raise ValueError(f"`mu` must be a finite number > 0, got {mu!r}.")
-  compressors.check_choice(method, "method", ("auto", "sort", "threshold"))
+  compressors.check_choice(method, "method", selection.METHODS)
   return RegTopK(ratio=ratio, mu=float(mu), method=method)
