@@ -14,6 +14,9 @@ from gsparse_jax._src.distributed import local_value_and_grad
 from gsparse_jax._src.distributed import state_partition_specs
 from gsparse_jax._src.payload import Payload
 from gsparse_jax._src.reg_top_k import reg_top_k
+from gsparse_jax._src.registry import compressor_from_ratio
+from gsparse_jax._src.registry import compressor_names
+from gsparse_jax._src.registry import REGISTRY as COMPRESSORS
 from gsparse_jax._src.reg_top_k import RegTopKState
 from gsparse_jax._src.stats import comm_stats
 from gsparse_jax._src.stats import CommStats
@@ -36,8 +39,11 @@ __all__ = (
     "approx_top_k",
     "arc_top_k",
     "calibrate_threshold",
+    "COMPRESSORS",
     "comm_stats",
     "compress",
+    "compressor_from_ratio",
+    "compressor_names",
     "cost_model",
     "dense",
     "gaussian_k",

@@ -1,0 +1,109 @@
+"""The compressors the package offers, by name: one row per compressor.
+
+Tools that list or build compressors by name (the `gsparse` command, the
+benchmarks, the contract test suite) read this table and nothing else, so a
+new compressor is one module plus one row here.
+
+Each row gives the public factory and how to build the compressor from a
+target density alone (``from_ratio(ratio, sample)``; ``sample`` is a
+representative gradient pytree, used by compressors that calibrate on data,
+such as hard-threshold).
+
+Example:
+  >>> import gsparse_jax as gs
+  >>> sorted(gs.compressor_names())[:3]
+  ['approx_top_k', 'arc_top_k', 'dense']
+  >>> gs.compressor_from_ratio("top_k", 0.01).budget(1000)
+  10
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+from gsparse_jax._src import approximate
+from gsparse_jax._src import arc_top_k
+from gsparse_jax._src import compressors
+from gsparse_jax._src import reg_top_k
+from gsparse_jax._src import threshold_compressors
+
+
+class CompressorEntry(NamedTuple):
+  """One row of the registry.
+
+  Attributes:
+    name: the public name (`gsparse compare --compressors NAME`).
+    factory: the public factory, e.g. `gsparse_jax.top_k`.
+    from_ratio: ``(ratio, sample) -> Compressor``: the compressor at a
+      target density with every other argument at its default.
+    summary: one line for `gsparse info`.
+  """
+
+  name: str
+  factory: Callable[..., compressors.Compressor]
+  from_ratio: Callable[[float, Any], compressors.Compressor]
+  summary: str
+
+
+def _hard_threshold_from_ratio(ratio: float, sample: Any
+                               ) -> compressors.Compressor:
+  if sample is None:
+    raise ValueError("hard_threshold calibrates its threshold on a sample "
+                     "gradient: pass `sample`.")
+  threshold = threshold_compressors.calibrate_threshold(sample, ratio)
+  return threshold_compressors.hard_threshold(
+      threshold, capacity_ratio=min(1.0, 2.0 * ratio))
+
+
+_ENTRIES = (
+    CompressorEntry("dense", compressors.dense,
+                    lambda ratio, sample: compressors.dense(),
+                    "no compression: dense all-reduce (the baseline)"),
+    CompressorEntry("top_k", compressors.top_k,
+                    lambda ratio, sample: compressors.top_k(ratio),
+                    "exact Top-k by magnitude"),
+    CompressorEntry("rand_k", compressors.rand_k,
+                    lambda ratio, sample: compressors.rand_k(ratio),
+                    "k random entries, the same on every worker (no indices)"),
+    CompressorEntry("hard_threshold", threshold_compressors.hard_threshold,
+                    _hard_threshold_from_ratio,
+                    "every |a| >= lambda (calibrated to the ratio on a sample)"),
+    CompressorEntry("gaussian_k", threshold_compressors.gaussian_k,
+                    lambda ratio, sample: threshold_compressors.gaussian_k(
+                        ratio),
+                    "threshold from a Gaussian fit (approximate Top-k)"),
+    CompressorEntry("approx_top_k", approximate.approx_top_k,
+                    lambda ratio, sample: approximate.approx_top_k(ratio),
+                    "lax.approx_max_k (fast on TPU, exact elsewhere)"),
+    CompressorEntry("reg_top_k", reg_top_k.reg_top_k,
+                    lambda ratio, sample: reg_top_k.reg_top_k(ratio),
+                    "RegTop-k: Top-k demoting entries the workers cancel"),
+    CompressorEntry("arc_top_k", arc_top_k.arc_top_k,
+                    lambda ratio, sample: arc_top_k.arc_top_k(ratio),
+                    "ARC-Top-K: shared rows from a sketch, one all-reduce"),
+)
+
+REGISTRY: dict[str, CompressorEntry] = {e.name: e for e in _ENTRIES}
+
+
+def compressor_names() -> tuple[str, ...]:
+  """The names of every compressor, in registry order."""
+  return tuple(REGISTRY)
+
+
+def compressor_from_ratio(name: str, ratio: float, sample: Optional[Any] = None
+                          ) -> compressors.Compressor:
+  """Builds the compressor ``name`` at target density ``ratio``.
+
+  Args:
+    name: one of `compressor_names()`.
+    ratio: fraction of entries kept, in (0, 1] (ignored by ``"dense"``).
+    sample: a representative gradient pytree, needed by compressors that
+      calibrate on data (``"hard_threshold"``).
+
+  Returns:
+    A `Compressor`.
+  """
+  compressors.check_choice(name, "compressor", compressor_names())
+  compressors.check_ratio(ratio)
+  return REGISTRY[name].from_ratio(ratio, sample)
