@@ -1,0 +1,1 @@
+"""Subcommands of the `gsparse` command, one module each."""

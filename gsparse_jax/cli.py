@@ -1,0 +1,45 @@
+"""The `gsparse` command (also `python -m gsparse_jax`).
+
+Each subcommand is a module of `gsparse_jax._src.cli` with ``NAME``, ``HELP``,
+``configure(parser)`` and ``run(args) -> int``; `COMMANDS` lists them. Bad
+options print one line naming the option and what it allows, and exit 2
+(no traceback, nothing written).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+from gsparse_jax._src.cli import common
+
+COMMANDS: tuple = ()
+
+
+def build_parser() -> common.OneLineParser:
+  parser = common.OneLineParser(
+      prog="gsparse",
+      description="Gradient sparsification for JAX: compare compressors, "
+                  "inspect the installation, benchmark, advise.")
+  sub = parser.add_subparsers(dest="command", required=True,
+                              parser_class=common.OneLineParser)
+  for command in COMMANDS:
+    command.configure(sub.add_parser(command.NAME, help=command.HELP,
+                                     description=command.HELP))
+  return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Runs ``gsparse ARGV``; returns the exit code."""
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  command = next(c for c in COMMANDS if c.NAME == args.command)
+  try:
+    return int(command.run(args) or 0)
+  except common.OptionError as error:
+    print(f"gsparse {args.command}: error: {error}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())
