@@ -5,7 +5,10 @@ from gsparse_jax._src import cost_model
 from gsparse_jax._src.aggregate import aggregate
 from gsparse_jax._src.approximate import approx_top_k
 from gsparse_jax._src.arc_top_k import arc_top_k
+from gsparse_jax._src.compressors import compress
 from gsparse_jax._src.compressors import Compressor
+from gsparse_jax._src.compressors import Received
+from gsparse_jax._src.compressors import SelectContext
 from gsparse_jax._src.compressors import dense
 from gsparse_jax._src.compressors import rand_k
 from gsparse_jax._src.compressors import top_k
@@ -23,9 +26,9 @@ from gsparse_jax._src.stats import CommStats
 from gsparse_jax._src.threshold_compressors import calibrate_threshold
 from gsparse_jax._src.threshold_compressors import gaussian_k
 from gsparse_jax._src.threshold_compressors import hard_threshold
-from gsparse_jax._src.transform import compress
 from gsparse_jax._src.transform import sparsify
 from gsparse_jax._src.transform import SparsifyState
+from gsparse_jax._src.workers import Workers
 
 __version__ = "0.1.0"
 
@@ -33,7 +36,9 @@ __all__ = (
     "Compressor",
     "CommStats",
     "Payload",
+    "Received",
     "RegTopKState",
+    "SelectContext",
     "SparsifyState",
     "aggregate",
     "approx_top_k",
@@ -55,4 +60,5 @@ __all__ = (
     "sparsify",
     "state_partition_specs",
     "top_k",
+    "Workers",
 )

@@ -167,16 +167,16 @@ def test_layer_granularity_uses_each_leaf_shape():
   np.testing.assert_array_equal(out["bias"], [0, -3.0, 0, 2.0, 0, 0, 0])
 
 
-def test_compress_shape_argument_matches_for_shape():
+def test_for_shape_sets_the_rows_compress_uses():
   compressor = gs.arc_top_k(0.5, rank=1)
   assert compressor.for_shape((4, 3)).grid(12) == (4, 3)
   assert compressor.for_shape((12,)).grid(12) == (12, 1)
   assert compressor.grid(12) == (3, 4)  # no shape: ~sqrt(d) per row
   x = jnp.arange(12.0)
-  sent = gs.compress(compressor, x, (), jax.random.key(0), shape=(4, 3))
+  sent = gs.compress(compressor.for_shape((4, 3)), x, (), jax.random.key(0))
   assert sorted(np.asarray(sent.indices).tolist()) == list(range(6, 12))
   with pytest.raises(ValueError, match="shape"):
-    gs.compress(compressor, x, (), jax.random.key(0), shape=(5, 3))
+    gs.compress(compressor.for_shape((5, 3)), x, (), jax.random.key(0))
 
 
 def test_bytes_are_sketch_plus_values_without_indices():

@@ -106,7 +106,7 @@ def test_dense_payload_is_whole_vector():
   p = gs.compress(gs.dense(), x, (), jax.random.key(0))
   assert p.layout == "dense" and p.indices is None
   np.testing.assert_array_equal(p.values, x)
-  assert p.wire_bytes() == 12
+  assert gs.dense().wire(3, jnp.float32) == (("all_reduce", 12),)
 
 
 def test_compress_rejects_non_flat_input():

@@ -9,13 +9,14 @@ exactly. Misses are harmless with error feedback: they stay in memory.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 
 import jax
 import jax.numpy as jnp
 
 from gsparse_jax._src import compressors
 from gsparse_jax._src import payload as payload_lib
+from gsparse_jax._src import validation
+from gsparse_jax._src import wire
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,14 +27,14 @@ class ApproxTopK(compressors.Compressor):
   recall_target: float = 0.95
 
   def budget(self, size):
-    return compressors.budget_from(self.ratio, None, size)
+    return wire.budget(self.ratio, size)
 
-  def select(self, x, state, key, axis_name):
-    del state, key, axis_name
+  def select(self, x, state, context):
+    del state
     k = self.budget(x.shape[0])
     _, indices = jax.lax.approx_max_k(
         jnp.abs(x), k, recall_target=self.recall_target)
-    return payload_lib.sparse_payload(x, indices, k, x.dtype)
+    return payload_lib.sparse_payload(x, indices, k, context.value_dtype)
 
 
 def approx_top_k(ratio: float, *, recall_target: float = 0.95) -> ApproxTopK:
@@ -56,13 +57,10 @@ def approx_top_k(ratio: float, *, recall_target: float = 0.95) -> ApproxTopK:
     [1, 2]
 
   Reference: Chern, Hechtman, Davis, Guo, Majnemer, Kumar, "TPU-KNN: K
-  nearest neighbor search at peak FLOP/s", 2022 (`approx_max_k`); Top-k with
-  memory: Stich, Cordonnier, Jaggi, "Sparsified SGD with Memory", 2018.
+  nearest neighbor search at peak FLOP/s", 2022 (arXiv 2206.14286,
+  `approx_max_k`); Top-k with memory: Stich, Cordonnier, Jaggi, "Sparsified
+  SGD with Memory", 2018 (arXiv 1809.07599).
   """
-  ratio = compressors.check_ratio(ratio)
-  if (isinstance(recall_target, bool)
-      or not isinstance(recall_target, numbers.Real)
-      or not 0.0 < float(recall_target) <= 1.0):
-    raise ValueError("`recall_target` must be a number in (0, 1], got "
-                     f"{recall_target!r}.")
-  return ApproxTopK(ratio=ratio, recall_target=float(recall_target))
+  ratio = validation.ratio(ratio)
+  recall_target = validation.ratio(recall_target, "recall_target")
+  return ApproxTopK(ratio=ratio, recall_target=recall_target)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from typing import Optional
 
 import jax
@@ -38,12 +37,8 @@ import jax.numpy as jnp
 
 from gsparse_jax._src import compressors
 from gsparse_jax._src import payload as payload_lib
-
-
-def default_row_size(size: int) -> int:
-  """About ``sqrt(size)`` entries per row: a square-ish matrix, so the sketch
-  (``m * r`` values) stays a small fraction of the vector."""
-  return max(1, math.isqrt(max(size - 1, 0)) + 1)
+from gsparse_jax._src import validation
+from gsparse_jax._src import wire
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,12 +68,18 @@ class ARCTopK(compressors.Compressor):
 
   def grid(self, size: int) -> tuple[int, int]:
     """(rows ``m``, entries per row ``c``) the vector is viewed as."""
-    if self.shape is not None and math.prod(self.shape) == size:
+    if self.shape is not None:
+      if math.prod(self.shape) != size:
+        raise ValueError(
+            f"arc_top_k: specialized to shape {self.shape} "
+            f"({math.prod(self.shape)} entries) but given a vector of {size}.")
       if len(self.shape) >= 2:  # a matrix's own rows; higher rank (s0, -1)
         return self.shape[0], size // self.shape[0]
       return size, 1  # 1-D (a bias): every entry a row, as the reference
-    row_size = min(self.row_size or default_row_size(size), max(size, 1))
-    return -(-size // row_size), row_size
+    # About sqrt(size) entries per row by default: a square-ish matrix, so
+    # the sketch (m * r values) stays a small fraction of the vector.
+    row_size = min(self.row_size or wire.default_row_size(size), max(size, 1))
+    return wire.num_rows(size, row_size), row_size
 
   def rows_kept(self, size: int) -> int:
     num_rows, _ = self.grid(size)
@@ -98,31 +99,43 @@ class ARCTopK(compressors.Compressor):
   def budget(self, size):
     return self.rows_kept(size) * self.grid(size)[1]
 
-  def select(self, x, state, key, axis_name):
+  def wire(self, size, value_dtype):
+    value_bytes = jnp.dtype(value_dtype).itemsize
+    return (wire.all_reduce(self.side_values(size) * value_bytes),  # sketch
+            wire.all_reduce(self.budget(size) * value_bytes))  # the rows
+
+  def _rows(self, x):
+    num_rows, row_len = self.grid(x.shape[0])
+    padded = jnp.pad(x, (0, num_rows * row_len - x.shape[0]))  # zero tail
+    return padded.reshape(num_rows, row_len)
+
+  def agree(self, x, state, key, workers):
+    """The workers' summed sketch ``sum_i G_i Omega`` (one all-reduce)."""
     del state
-    size = x.shape[0]
-    num_rows, row_len = self.grid(size)
-    padded = jnp.pad(x, (0, num_rows * row_len - size))  # zero tail row
-    rows = padded.reshape(num_rows, row_len)
-    if row_len <= self.rank:
+    rows = self._rows(x)
+    if rows.shape[1] <= self.rank:
       sketch = rows
     else:
-      omega = jax.random.normal(key, (row_len, self.rank), x.dtype)
+      omega = jax.random.normal(key, (rows.shape[1], self.rank), x.dtype)
       sketch = rows @ omega
-    if axis_name is not None:
-      # The only collective before the values: every worker then holds the
-      # same (and, under shard_map, invariant-typed) sketch, so the row
-      # choice below is identical everywhere without exchanging indices.
-      sketch = jax.lax.psum(sketch, axis_name)
-    energy = jnp.sum(jnp.square(sketch), axis=1)
+    # Every worker then holds the same (and, under shard_map, invariant-
+    # typed) sketch, so the row choice in `select` is identical everywhere
+    # without exchanging indices.
+    return workers.sum(sketch)
+
+  def select(self, x, state, context):
+    del state
+    size = x.shape[0]
+    row_len = self.grid(size)[1]
+    energy = jnp.sum(jnp.square(context.agreed), axis=1)
     _, top_rows = jax.lax.top_k(energy, self.rows_kept(size))  # ties: low
     indices = (top_rows[:, None] * row_len
                + jnp.arange(row_len, dtype=top_rows.dtype)).reshape(-1)
     real = indices < size  # the padded tail row's extra slots
     indices = jnp.where(real, indices, size)  # padding convention: `size`
-    sent = payload_lib.sparse_payload(x, indices, jnp.sum(real), x.dtype,
+    return payload_lib.sparse_payload(x, indices, jnp.sum(real),
+                                      context.value_dtype,
                                       payload_lib.ALIGNED)
-    return dataclasses.replace(sent, side_values=self.side_values(size))
 
 
 def arc_top_k(ratio: float, *, rank: int = 4,
@@ -148,8 +161,8 @@ def arc_top_k(ratio: float, *, rank: int = 4,
       integer >= 1); None picks about ``sqrt(d)``.
 
   Returns:
-    A `Compressor` with layout ``"aligned"``; its payload counts the
-    ``m * min(r, c)`` sketch values as ``side_values``.
+    A `Compressor` with layout ``"aligned"``; its wire cost counts the
+    ``m * min(r, c)`` sketch values of the first all-reduce.
 
   Example:
     >>> import gsparse_jax as gs
@@ -157,15 +170,11 @@ def arc_top_k(ratio: float, *, rank: int = 4,
     >>> c.budget(2000), c.side_values(2000)
     (100, 400)
 
-  Reference: "ARC-Top-K: All-Reduce-Compatible Top-K compression" (sketched
-  row selection with EF21-SGDM); reference code yiran529/ARC-TopK.
+  Reference: Chen, Ma, Li, He, Dong, Yuan, "An All-Reduce Compatible Top-K
+  Compressor for Communication-Efficient Distributed Learning", 2025 (arXiv
+  2510.26709); reference code yiran529/ARC-TopK.
   """
-  ratio = compressors.check_ratio(ratio)
-  for name, value in (("rank", rank), ("row_size", row_size)):
-    if value is None and name == "row_size":
-      continue
-    if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
-        or value < 1):
-      raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
-  return ARCTopK(ratio=ratio, rank=int(rank),
-                 row_size=None if row_size is None else int(row_size))
+  return ARCTopK(ratio=validation.ratio(ratio),
+                 rank=validation.positive_int(rank, "rank"),
+                 row_size=validation.optional_positive_int(row_size,
+                                                           "row_size"))

@@ -18,51 +18,81 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import numbers
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
+from gsparse_jax._src import aggregate as aggregate_lib
 from gsparse_jax._src import payload as payload_lib
 from gsparse_jax._src import selection
+from gsparse_jax._src import validation
+from gsparse_jax._src import wire
+from gsparse_jax._src import workers as workers_lib
 
 Payload = payload_lib.Payload
 
 
-def check_ratio(ratio: Any, name: str = "ratio") -> float:
-  """Validates a kept fraction: a real number in (0, 1]."""
-  if (isinstance(ratio, bool) or not isinstance(ratio, numbers.Real)
-      or not 0.0 < float(ratio) <= 1.0):
-    raise ValueError(f"`{name}` must be a number in (0, 1], got {ratio!r}.")
-  return float(ratio)
+class SelectContext(NamedTuple):
+  """What `Compressor.select` gets besides the vector and its state.
+
+  Attributes:
+    key: a PRNG key identical on every worker for this step and vector.
+    worker: this worker's index (int32 scalar), or None for a single worker.
+    agreed: what `Compressor.agree` returned (None by default).
+    value_dtype: the dtype values travel in.
+  """
+
+  key: jax.Array
+  worker: Optional[jax.Array]
+  agreed: Any
+  value_dtype: Any
 
 
-def check_choice(value: Any, name: str, allowed: tuple[str, ...]) -> str:
-  if value not in allowed:
-    raise ValueError(
-        f"`{name}` must be one of {', '.join(map(repr, allowed))}; "
-        f"got {value!r}.")
-  return value
+class Received(NamedTuple):
+  """What every worker received in a step, for `Compressor.update`.
 
+  Attributes:
+    mean: ``[size]`` float32, the mean over workers of what they sent.
+    num_workers: the number of workers (static).
+  """
 
-def budget_from(ratio: Optional[float], k: Optional[int], size: int) -> int:
-  """``k = max(1, round(ratio * size))`` (or the given ``k``), clamped to size."""
-  if k is None:
-    k = max(1, round(ratio * size))
-  return int(min(k, size))
+  mean: jax.Array
+  num_workers: int
+
+  @property
+  def total(self) -> jax.Array:
+    """The sum over workers of what they sent."""
+    return self.mean * self.num_workers
 
 
 @dataclasses.dataclass(frozen=True)
 class Compressor(abc.ABC):
-  """Base class of every compressor.
+  """The contract every compressor obeys; `sparsify` knows nothing else.
 
-  Subclasses set `layout` and implement `select`; those with per-worker state
-  (RegTop-k) also override `init` and `update`.
+  One step of one worker and one flat vector ``x`` (a segment of the model):
+
+  1. `agree` (optional): collectives the workers run BEFORE choosing what to
+     send (ARC-Top-K's shared sketch); default none.
+  2. `select`: the `Payload` this worker sends; no collectives.
+  3. `aggregate`: the mean over workers of what they sent (a dense float32
+     vector identical on every worker); by default from the payload's
+     standard layout (`layout`).
+  4. `add_sent`: ``x + sign * (what this worker sent, dense)``, which error
+     feedback uses to keep what was not sent.
+  5. `update`: the compressor's per-worker state for the next step, from
+     what it sent and what every worker received.
+
+  Static facts: `budget` (values aimed at), `capacity` (payload slots) and
+  `wire` (the collectives one worker joins, with their bytes), which the
+  statistics and the cost model read; `for_shape` specializes the
+  compressor to a tensor's shape under layer granularity.
   """
 
   @property
   def layout(self) -> str:
+    """How payloads are aggregated: ``"sparse"``, ``"aligned"``, ``"dense"``
+    (standard, see `gsparse_jax.aggregate`) or a format of its own."""
     return payload_lib.SPARSE
 
   @abc.abstractmethod
@@ -73,32 +103,25 @@ class Compressor(abc.ABC):
     """Static payload slots for a vector of ``size`` (default: the budget)."""
     return self.budget(size)
 
+  def wire(self, size: int, value_dtype: Any) -> tuple[wire.Collective, ...]:
+    """The collectives one worker joins in a step, with its bytes in each.
+
+    The default follows the standard layouts: an all-gather of
+    ``capacity`` (value, int32 index) pairs (sparse), an all-reduce of
+    ``capacity`` values (aligned) or of all ``size`` values (dense).
+    """
+    value_bytes = jnp.dtype(value_dtype).itemsize
+    if self.layout == payload_lib.DENSE:
+      return (wire.all_reduce(size * value_bytes),)
+    if self.layout == payload_lib.ALIGNED:
+      return (wire.all_reduce(self.capacity(size) * value_bytes),)
+    return (wire.all_gather(
+        self.capacity(size) * (value_bytes + wire.INDEX_BYTES)),)
+
   def init(self, size: int) -> Any:
     """Per-worker compressor state for one flat vector of ``size``."""
     del size
     return ()
-
-  @abc.abstractmethod
-  def select(self, x: jax.Array, state: Any, key: jax.Array,
-             axis_name: Optional[str]) -> Payload:
-    """Compresses one worker's flat vector ``x``.
-
-    Args:
-      x: 1-D float array (the accumulated gradient of this worker).
-      state: this worker's compressor state, as returned by `init`/`update`.
-      key: a PRNG key identical on every worker for this step and vector.
-      axis_name: the workers' mapped axis, or None for a single worker. Only
-        compressors that agree on shared indices may use it.
-
-    Returns:
-      The `Payload` with values in ``x.dtype``.
-    """
-
-  def update(self, state: Any, sent: Payload, mean: jax.Array,
-             num_workers: int) -> Any:
-    """Next state, from what this worker sent and the aggregated mean."""
-    del sent, mean, num_workers
-    return state
 
   def for_shape(self, shape: tuple[int, ...]) -> "Compressor":
     """The compressor for a flat vector that is one tensor of ``shape``.
@@ -110,6 +133,89 @@ class Compressor(abc.ABC):
     del shape
     return self
 
+  def agree(self, x: jax.Array, state: Any, key: jax.Array,
+            workers: workers_lib.Workers) -> Any:
+    """Collectives run before selecting; the result reaches `select`."""
+    del x, state, key, workers
+    return None
+
+  @abc.abstractmethod
+  def select(self, x: jax.Array, state: Any, context: SelectContext
+             ) -> Payload:
+    """Compresses one worker's flat vector ``x`` (no collectives here).
+
+    Args:
+      x: 1-D float32 array (the accumulated gradient of this worker).
+      state: this worker's compressor state, as returned by `init`/`update`.
+      context: the step's key, this worker's index, what `agree` returned
+        and the wire dtype of the values.
+
+    Returns:
+      The `Payload`.
+    """
+
+  def aggregate(self, sent: Payload, workers: workers_lib.Workers
+                ) -> jax.Array:
+    """The float32 mean over workers of what they sent (identical on all)."""
+    return aggregate_lib.aggregate(sent, workers)
+
+  def add_sent(self, x: jax.Array, sent: Payload, sign: float) -> jax.Array:
+    """``x + sign * (the dense vector this worker's payload stands for)``."""
+    return payload_lib.add_sent(x, sent, sign)
+
+  def update(self, state: Any, sent: Payload, received: Received) -> Any:
+    """Next state, from what this worker sent and what all received."""
+    del sent, received
+    return state
+
+
+def compress(compressor: Compressor, x: jax.Array, state: Any,
+             key: jax.Array, axis_name: Optional[str] = None,
+             wire_dtype: Any = None) -> Payload:
+  """Compresses one worker's flat vector into a `Payload`.
+
+  Runs the compressor's `agree` collectives (if any) over ``axis_name``,
+  then its `select`.
+
+  Args:
+    compressor: a `Compressor` (e.g. `gsparse_jax.top_k(0.01)`); for one
+      tensor under a shape-aware compressor, pass
+      ``compressor.for_shape(shape)``.
+    x: a 1-D float array, this worker's (accumulated) vector.
+    state: the compressor's state for this vector (``compressor.init(x.size)``
+      on the first step).
+    key: a PRNG key, identical on every worker for this step.
+    axis_name: the workers' axis, or None for one worker.
+    wire_dtype: dtype of the values on the wire (default ``x.dtype``).
+
+  Returns:
+    The `Payload`, ready for ``compressor.aggregate`` (or
+    `gsparse_jax.aggregate` for the standard layouts).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, gsparse_jax as gs
+    >>> c = gs.top_k(k=1)
+    >>> p = gs.compress(c, jnp.array([1.0, -4.0, 2.0]), c.init(3),
+    ...                 jax.random.key(0))
+    >>> p.indices.tolist(), p.values.tolist()
+    ([1], [-4.0])
+  """
+  if not isinstance(compressor, Compressor):
+    raise TypeError("`compressor` must be a gsparse_jax Compressor (e.g. "
+                    f"gs.top_k(0.01)); got {type(compressor).__name__}.")
+  if getattr(x, "ndim", None) != 1:
+    raise ValueError("compress takes a 1-D float array `x`, got shape "
+                     f"{getattr(x, 'shape', None)}.")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"compress takes a float `x`, got dtype {x.dtype}.")
+  workers = workers_lib.Workers(axis_name)
+  context = SelectContext(
+      key=key,
+      worker=None if axis_name is None else workers.index(),
+      agreed=compressor.agree(x, state, key, workers),
+      value_dtype=jnp.dtype(wire_dtype or x.dtype))
+  return compressor.select(x, state, context)
+
 
 @dataclasses.dataclass(frozen=True)
 class TopK(Compressor):
@@ -120,13 +226,13 @@ class TopK(Compressor):
   method: str = "auto"
 
   def budget(self, size):
-    return budget_from(self.ratio, self.k, size)
+    return wire.budget(self.ratio, size, self.k)
 
-  def select(self, x, state, key, axis_name):
-    del state, key, axis_name
+  def select(self, x, state, context):
+    del state
     k = self.budget(x.shape[0])
     indices = selection.top_k_abs(x, k, method=self.method)
-    return payload_lib.sparse_payload(x, indices, k, x.dtype)
+    return payload_lib.sparse_payload(x, indices, k, context.value_dtype)
 
 
 def uniform_subset(key: jax.Array, size: int, k: int) -> jax.Array:
@@ -179,20 +285,21 @@ class RandK(Compressor):
     return payload_lib.ALIGNED if self.shared else payload_lib.SPARSE
 
   def budget(self, size):
-    return budget_from(self.ratio, None, size)
+    return wire.budget(self.ratio, size)
 
-  def select(self, x, state, key, axis_name):
+  def select(self, x, state, context):
     del state
     size = x.shape[0]
     k = self.budget(size)
-    key = jax.random.fold_in(key, self.seed)
-    if not self.shared and axis_name is not None:
-      key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+    key = jax.random.fold_in(context.key, self.seed)
+    if not self.shared and context.worker is not None:
+      key = jax.random.fold_in(key, context.worker)
     indices = uniform_subset(key, size, k)
-    p = payload_lib.sparse_payload(x, indices, k, x.dtype, self.layout)
+    sent = payload_lib.sparse_payload(x, indices, k, context.value_dtype,
+                                      self.layout)
     if self.scale:
-      p = dataclasses.replace(p, values=p.values * (size / k))
-    return p
+      sent = dataclasses.replace(sent, values=sent.values * (size / k))
+    return sent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,9 +313,9 @@ class Dense(Compressor):
   def budget(self, size):
     return size
 
-  def select(self, x, state, key, axis_name):
-    del state, key, axis_name
-    return payload_lib.dense_payload(x, x.dtype)
+  def select(self, x, state, context):
+    del state
+    return payload_lib.dense_payload(x, context.value_dtype)
 
 
 def top_k(ratio: Optional[float] = None, *, k: Optional[int] = None,
@@ -235,12 +342,10 @@ def top_k(ratio: Optional[float] = None, *, k: Optional[int] = None,
     raise ValueError("top_k needs exactly one of `ratio` (in (0, 1]) or `k` "
                      f"(an integer >= 1); got ratio={ratio!r}, k={k!r}.")
   if ratio is not None:
-    ratio = check_ratio(ratio)
-  elif isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-    raise ValueError(f"`k` must be an integer >= 1, got {k!r}.")
+    ratio = validation.ratio(ratio)
   else:
-    k = int(k)
-  check_choice(method, "method", selection.METHODS)
+    k = validation.positive_int(k, "k")
+  validation.choice(method, "method", selection.METHODS)
   return TopK(ratio=ratio, k=k, method=method)
 
 
@@ -267,10 +372,9 @@ def rand_k(ratio: float, *, seed: int = 0, shared: bool = True,
 
   Reference: Stich, Cordonnier, Jaggi, "Sparsified SGD with Memory", 2018.
   """
-  ratio = check_ratio(ratio)
-  if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-    raise ValueError(f"`seed` must be an integer, got {seed!r}.")
-  return RandK(ratio=ratio, seed=int(seed), shared=bool(shared),
+  ratio = validation.ratio(ratio)
+  seed = validation.integer(seed, "seed")
+  return RandK(ratio=ratio, seed=seed, shared=bool(shared),
                scale=bool(scale))
 
 

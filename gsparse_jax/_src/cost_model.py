@@ -11,7 +11,7 @@ use for large messages):
   `(n - 1) * b / beta + (n - 1) alpha`.
 
 `project_step` applies these to the payload layouts of `gsparse_jax`
-(SPEC "What aggregate means here") and adds the measured selection time, to
+(docs/algorithms.md, "Aggregation") and adds the measured selection time, to
 project where compression pays off at scales that cannot be run here. The
 model ignores compute/communication overlap, congestion and the
 hierarchical (intra-node vs inter-node) structure of real clusters: read
@@ -28,12 +28,11 @@ Example:
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional
 
-LAYOUTS = ("dense", "sparse", "aligned", "arc")
+from gsparse_jax._src import wire
 
-_INDEX_BYTES = 4  # int32 indices, as counted by the statistics
+LAYOUTS = ("dense", "sparse", "aligned", "arc")
 
 
 class Network(NamedTuple):
@@ -125,15 +124,13 @@ def all_gather_seconds(bytes_per_worker: float, num_workers: int,
 
 
 def budget(num_params: float, ratio: float) -> int:
-  """Values kept per worker: `k = max(1, round(ratio * d))` (SPEC)."""
-  return max(1, int(round(ratio * num_params)))
+  """Values kept per worker: `k = max(1, round(ratio * d))`."""
+  return wire.budget(ratio, num_params)
 
 
 def arc_rows(num_params: float, row_size: Optional[int] = None) -> int:
   """Rows `m` of the ARC-Top-K matrix view; rows of ~sqrt(d) by default."""
-  if row_size is None:
-    row_size = math.isqrt(max(int(num_params) - 1, 0)) + 1
-  return -(-int(num_params) // int(row_size))
+  return wire.num_rows(num_params, row_size)
 
 
 def project_step(
@@ -199,7 +196,7 @@ def project_step(
     sent_bytes = dense_bytes
     communication_s = dense_s
   elif layout == "sparse":
-    sent_bytes = k * (bytes_per_value + _INDEX_BYTES)
+    sent_bytes = k * (bytes_per_value + wire.INDEX_BYTES)
     communication_s = all_gather_seconds(sent_bytes, n, network)
   elif layout == "aligned":
     sent_bytes = k * bytes_per_value

@@ -1,16 +1,21 @@
 """Error-feedback rules: what each worker compresses and what it remembers.
 
 Each rule works on one flat float32 segment of one worker and is split in two
-halves around the communication: `prepare` gives the vector to compress,
-`finish` takes the payload that was sent and the aggregated mean and gives
-the transformation's output plus the new memories.
+halves around the communication: `FeedbackRule.prepare` gives the vector to
+compress, `FeedbackRule.finish` takes what was sent and the aggregated mean
+and gives the transformation's output plus the new memories. Rules are
+chosen by name in one place, `rule`.
 
 * ``"none"``: compress the gradient; out = mean of what was sent.
-* ``"ef"`` (EF14; Stich, Cordonnier, Jaggi 2018): ``a = e + g``, send
-  ``C(a)``, ``e <- a - C(a)``; out = mean of what was sent.
-* ``"ef21"`` (Richtarik, Sokolov, Fatkhullin 2021): ``c = C(g - h_i)``,
-  ``h_i <- h_i + c``, ``h <- h + mean(c)``; out = ``h``.
-* ``"ef21m"`` (EF21-SGDM; Fatkhullin, Tyurin, Richtarik 2023): first
+* ``"ef"`` (EF14; Stich, Cordonnier, Jaggi, "Sparsified SGD with Memory",
+  2018, arXiv 1809.07599): ``a = e + g``, send ``C(a)``, ``e <- a - C(a)``;
+  out = mean of what was sent.
+* ``"ef21"`` (Richtarik, Sokolov, Fatkhullin, "EF21: A new, simpler,
+  theoretically better, and practically faster error feedback", 2021, arXiv
+  2106.05203): ``c = C(g - h_i)``, ``h_i <- h_i + c``, ``h <- h + mean(c)``;
+  out = ``h``.
+* ``"ef21m"`` (EF21-SGDM; Fatkhullin, Tyurin, Richtarik, "Momentum provably
+  improves error feedback!", 2023, arXiv 2305.15155): first
   ``v <- momentum * v + (1 - momentum) * g``, then EF21 on ``v``.
 
 Worker memories start at zero (so EF21's first step sends ``C(g_0)``, where the
@@ -19,14 +24,15 @@ reference ARC-Top-K code starts from one dense all-reduce of ``g_0``).
 
 from __future__ import annotations
 
+import abc
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from gsparse_jax._src import compressors
 from gsparse_jax._src import payload as payload_lib
-
-FEEDBACKS = ("none", "ef", "ef21", "ef21m")
 
 
 class EF21Memory(NamedTuple):
@@ -40,48 +46,105 @@ class EF21MMemory(NamedTuple):
   estimate: jax.Array
 
 
-def init_memory(feedback: str, size: int) -> tuple[Any, Any]:
-  """(per-worker memory, memory shared by all workers) for one segment."""
-  zeros = lambda: jnp.zeros((size,), jnp.float32)
-  if feedback == "none":
+@dataclasses.dataclass(frozen=True)
+class FeedbackRule(abc.ABC):
+  """One error-feedback rule, for one flat segment of one worker."""
+
+  @abc.abstractmethod
+  def init(self, size: int) -> tuple[Any, Any]:
+    """(per-worker memory, memory identical on all workers), float32."""
+
+  @abc.abstractmethod
+  def prepare(self, grad: jax.Array, memory: Any) -> tuple[jax.Array, Any]:
+    """(the vector to compress, this worker's memory updated so far)."""
+
+  @abc.abstractmethod
+  def finish(self, accumulated: jax.Array,
+             compressor: compressors.Compressor,
+             sent: payload_lib.Payload, mean: jax.Array, memory: Any,
+             shared: Any) -> tuple[jax.Array, Any, Any]:
+    """(output, new worker memory, new shared memory) after communication.
+
+    Args:
+      accumulated: the vector `prepare` returned (what was compressed).
+      compressor: the compressor that made ``sent`` (it knows what the
+        payload stands for, densely).
+      sent: this worker's payload.
+      mean: the aggregated mean over workers of what was sent.
+      memory: this worker's memory after `prepare`.
+      shared: the memory identical on every worker (EF21's ``h``).
+    """
+
+
+def _zeros(size: int) -> jax.Array:
+  return jnp.zeros((size,), jnp.float32)
+
+
+class NoFeedback(FeedbackRule):
+  """Compress the gradient itself; nothing is remembered."""
+
+  def init(self, size):
     return (), ()
-  if feedback == "ef":
-    return zeros(), ()
-  if feedback == "ef21":
-    return EF21Memory(zeros()), zeros()
-  return EF21MMemory(zeros(), zeros()), zeros()
 
-
-def prepare(feedback: str, grad: jax.Array, memory: Any, momentum: float
-            ) -> tuple[jax.Array, Any]:
-  """The vector this worker compresses, and its memory updated so far."""
-  if feedback == "none":
+  def prepare(self, grad, memory):
     return grad, memory
-  if feedback == "ef":
-    return memory + grad, memory
-  if feedback == "ef21":
-    return grad - memory.estimate, memory
-  velocity = momentum * memory.momentum + (1.0 - momentum) * grad
-  return velocity - memory.estimate, memory._replace(momentum=velocity)
 
-
-def finish(feedback: str, compressed: jax.Array, sent: payload_lib.Payload,
-           mean: jax.Array, memory: Any, shared: Any
-           ) -> tuple[jax.Array, Any, Any]:
-  """(output, new worker memory, new shared memory) after communication.
-
-  Args:
-    feedback: one of `FEEDBACKS`.
-    compressed: the vector `prepare` returned (what was compressed).
-    sent: this worker's payload.
-    mean: the aggregated mean over workers of what was sent.
-    memory: this worker's memory after `prepare`.
-    shared: the memory identical on every worker (EF21's ``h``).
-  """
-  if feedback == "none":
+  def finish(self, accumulated, compressor, sent, mean, memory, shared):
     return mean, memory, shared
-  if feedback == "ef":
-    return mean, payload_lib.add_sent(compressed, sent, -1.0), shared
-  estimate = payload_lib.add_sent(memory.estimate, sent, 1.0)
-  new_shared = shared + mean
-  return new_shared, memory._replace(estimate=estimate), new_shared
+
+
+class ErrorFeedback(FeedbackRule):
+  """EF14: compress ``e + g``, remember what was not sent."""
+
+  def init(self, size):
+    return _zeros(size), ()
+
+  def prepare(self, grad, memory):
+    return memory + grad, memory
+
+  def finish(self, accumulated, compressor, sent, mean, memory, shared):
+    return mean, compressor.add_sent(accumulated, sent, -1.0), shared
+
+
+class EF21(FeedbackRule):
+  """EF21: compress the change ``g - h_i``; every worker tracks ``h``."""
+
+  def init(self, size):
+    return EF21Memory(_zeros(size)), _zeros(size)
+
+  def prepare(self, grad, memory):
+    return grad - memory.estimate, memory
+
+  def finish(self, accumulated, compressor, sent, mean, memory, shared):
+    estimate = compressor.add_sent(memory.estimate, sent, 1.0)
+    new_shared = shared + mean
+    return new_shared, memory._replace(estimate=estimate), new_shared
+
+
+@dataclasses.dataclass(frozen=True)
+class EF21M(EF21):
+  """EF21-SGDM: EF21 on the momentum ``v <- b v + (1 - b) g``."""
+
+  momentum: float = 0.9
+
+  def init(self, size):
+    return EF21MMemory(_zeros(size), _zeros(size)), _zeros(size)
+
+  def prepare(self, grad, memory):
+    velocity = self.momentum * memory.momentum + (1.0 - self.momentum) * grad
+    return velocity - memory.estimate, memory._replace(momentum=velocity)
+
+
+# The one place rules are chosen by name.
+_RULES = {
+    "none": lambda momentum: NoFeedback(),
+    "ef": lambda momentum: ErrorFeedback(),
+    "ef21": lambda momentum: EF21(),
+    "ef21m": lambda momentum: EF21M(momentum=momentum),
+}
+FEEDBACKS = tuple(_RULES)
+
+
+def rule(name: str, momentum: float = 0.9) -> FeedbackRule:
+  """The `FeedbackRule` called ``name`` (one of `FEEDBACKS`)."""
+  return _RULES[name](momentum)

@@ -1,11 +1,12 @@
 """RegTop-k: Top-k on a score that shrinks entries the other workers cancel.
 
 Bereyhi, Liang, Boudreau, Afana, "Regularized Top-k: a Bayesian framework for
-gradient sparsification", 2025 (SPEC §5; reference code AlBerey/RegTopK).
+gradient sparsification", 2025 (arXiv 2501.05633; reference code
+AlBerey/RegTopK). See docs/algorithms.md.
 
 Each worker remembers what it sent last step, ``s``, and the aggregate sum
-``S`` every worker received (``num_workers`` times the mean `sparsify`
-already computes, so no extra communication). With ``a`` the accumulated
+``S`` every worker received (the sum over workers that `sparsify` already
+computes for the mean, so no extra communication). With ``a`` the accumulated
 gradient (error memory + gradient):
 
   r_j     = S_j / s_j    if this worker sent entry j last step, else 1e8
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from typing import NamedTuple
 
 import jax
@@ -30,6 +30,8 @@ import jax.numpy as jnp
 from gsparse_jax._src import compressors
 from gsparse_jax._src import payload as payload_lib
 from gsparse_jax._src import selection
+from gsparse_jax._src import validation
+from gsparse_jax._src import wire
 
 # The ratio of entries this worker did not send last step (the paper's
 # "1 + Delta = infinity"); 1e8 as in the reference code, so tanh(1e8/mu) == 1
@@ -78,7 +80,7 @@ class RegTopK(compressors.Compressor):
   method: str = "auto"
 
   def budget(self, size):
-    return compressors.budget_from(self.ratio, None, size)
+    return wire.budget(self.ratio, size)
 
   def init(self, size):
     k = self.budget(size)
@@ -102,22 +104,23 @@ class RegTopK(compressors.Compressor):
                        fill_value=0.0) * sent_weight
     return scores.at[state.sent_indices].set(at_sent, mode="drop")
 
-  def select(self, x, state, key, axis_name):
-    del key, axis_name  # the regularization uses only what was received
+  def select(self, x, state, context):
     k = self.budget(x.shape[0])
     indices = selection.top_k_abs(self.scores(x, state), k,
                                   method=self.method)
     # The score only chooses; the unweighted accumulated values are sent.
-    return payload_lib.sparse_payload(x, indices, k, x.dtype)
+    return payload_lib.sparse_payload(x, indices, k, context.value_dtype)
 
-  def update(self, state, sent, mean, num_workers):
+  def update(self, state, sent, received):
     del state
-    # S = num_workers * mean, the aggregate every worker already received.
-    mean_at_sent = jnp.take(mean, sent.indices, mode="fill", fill_value=0.0)
+    # S, the sum every worker already received, at the entries sent.
+    mean_at_sent = jnp.take(received.mean, sent.indices, mode="fill",
+                            fill_value=0.0)
     return RegTopKState(
         sent_indices=sent.indices.astype(jnp.int32),
         sent_values=sent.values.astype(jnp.float32),
-        aggregate_sum=(mean_at_sent * num_workers).astype(jnp.float32))
+        aggregate_sum=(mean_at_sent * received.num_workers).astype(
+            jnp.float32))
 
 
 def reg_top_k(ratio: float, *, mu: float = 4.0,
@@ -155,11 +158,9 @@ def reg_top_k(ratio: float, *, mu: float = 4.0,
     [3.0, 0.0]
 
   Reference: Bereyhi, Liang, Boudreau, Afana, "Regularized Top-k: a
-  Bayesian framework for gradient sparsification", 2025.
+  Bayesian framework for gradient sparsification", 2025 (arXiv 2501.05633).
   """
-  ratio = compressors.check_ratio(ratio)
-  if (isinstance(mu, bool) or not isinstance(mu, numbers.Real)
-      or not 0.0 < float(mu) < math.inf):
-    raise ValueError(f"`mu` must be a finite number > 0, got {mu!r}.")
-  compressors.check_choice(method, "method", selection.METHODS)
-  return RegTopK(ratio=ratio, mu=float(mu), method=method)
+  ratio = validation.ratio(ratio)
+  mu = validation.finite_positive(mu, "mu")
+  validation.choice(method, "method", selection.METHODS)
+  return RegTopK(ratio=ratio, mu=mu, method=method)

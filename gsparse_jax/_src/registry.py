@@ -26,6 +26,7 @@ from gsparse_jax._src import arc_top_k
 from gsparse_jax._src import compressors
 from gsparse_jax._src import reg_top_k
 from gsparse_jax._src import threshold_compressors
+from gsparse_jax._src import validation
 
 
 class CompressorEntry(NamedTuple):
@@ -104,6 +105,6 @@ def compressor_from_ratio(name: str, ratio: float, sample: Optional[Any] = None
   Returns:
     A `Compressor`.
   """
-  compressors.check_choice(name, "compressor", compressor_names())
-  compressors.check_ratio(ratio)
+  validation.choice(name, "compressor", compressor_names())
+  validation.ratio(ratio)
   return REGISTRY[name].from_ratio(ratio, sample)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import statistics
 from typing import Any, Optional
 
@@ -23,6 +22,8 @@ import numpy as np
 from gsparse_jax._src import compressors
 from gsparse_jax._src import payload as payload_lib
 from gsparse_jax._src import selection
+from gsparse_jax._src import validation
+from gsparse_jax._src import wire
 
 # Gaussian-k's refinement (Shi et al. 2019): accept a count in
 # [2k/3, 4k/3], otherwise scale the threshold, at most this many times.
@@ -31,13 +32,9 @@ GAUSSIAN_SHRINK = 0.5  # too few selected: lower the threshold
 GAUSSIAN_GROW = 1.5  # too many selected: raise it
 
 
-def capacity_from(capacity_ratio: float, size: int) -> int:
-  """``max(1, round(capacity_ratio * size))``, at most ``size``."""
-  return int(min(size, max(1, round(capacity_ratio * size))))
-
-
-def threshold_payload(x: jax.Array, threshold: jax.Array, capacity: int, *,
-                      strict: bool = False) -> payload_lib.Payload:
+def threshold_payload(x: jax.Array, threshold: jax.Array, capacity: int,
+                      value_dtype, *, strict: bool = False
+                      ) -> payload_lib.Payload:
   """The entries with ``|x| >= threshold`` (``>`` if strict), ``capacity`` slots.
 
   When they fit, they are compacted in index order (no sort). When they do
@@ -49,6 +46,7 @@ def threshold_payload(x: jax.Array, threshold: jax.Array, capacity: int, *,
     x: the 1-D vector being compressed.
     threshold: float scalar (may be traced).
     capacity: the static number of payload slots.
+    value_dtype: the dtype of the values on the wire.
     strict: compare with ``>`` instead of ``>=``.
 
   Returns:
@@ -60,9 +58,9 @@ def threshold_payload(x: jax.Array, threshold: jax.Array, capacity: int, *,
   indices = jax.lax.cond(
       passed <= capacity, lambda: indices,
       lambda: selection.top_k_abs(x, capacity, method="auto"))
-  count = jnp.minimum(passed, capacity)
-  sent = payload_lib.sparse_payload(x, indices, count, x.dtype)
-  return dataclasses.replace(sent, overflow=jnp.maximum(passed - capacity, 0))
+  return payload_lib.sparse_payload(
+      x, indices, jnp.minimum(passed, capacity), value_dtype,
+      overflow=jnp.maximum(passed - capacity, 0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,11 +72,12 @@ class HardThreshold(compressors.Compressor):
 
   def budget(self, size):
     # No target count: the threshold decides; the capacity bounds it.
-    return capacity_from(self.capacity_ratio, size)
+    return wire.budget(self.capacity_ratio, size)
 
-  def select(self, x, state, key, axis_name):
-    del state, key, axis_name
-    return threshold_payload(x, self.threshold, self.capacity(x.shape[0]))
+  def select(self, x, state, context):
+    del state
+    return threshold_payload(x, self.threshold, self.capacity(x.shape[0]),
+                             context.value_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,23 +88,23 @@ class GaussianK(compressors.Compressor):
   capacity_ratio: Optional[float] = None
 
   def budget(self, size):
-    return compressors.budget_from(self.ratio, None, size)
+    return wire.budget(self.ratio, size)
 
   def capacity(self, size):
     if self.capacity_ratio is None:
       # The refinement accepts up to 4k/3 entries: a converged refinement
       # always fits, at most 1/3 more bytes than Top-k's.
       return int(min(size, math.ceil(4 * self.budget(size) / 3)))
-    return max(self.budget(size), capacity_from(self.capacity_ratio, size))
+    return max(self.budget(size), wire.budget(self.capacity_ratio, size))
 
   def threshold(self, x: jax.Array) -> jax.Array:
     """The refined threshold ``tau`` for ``x`` (compared as ``|x| > tau``)."""
     return gaussian_threshold(x, self.budget(x.shape[0]))
 
-  def select(self, x, state, key, axis_name):
-    del state, key, axis_name
+  def select(self, x, state, context):
+    del state
     return threshold_payload(x, self.threshold(x), self.capacity(x.shape[0]),
-                             strict=True)
+                             context.value_dtype, strict=True)
 
 
 def gaussian_threshold(x: jax.Array, k: int,
@@ -156,13 +155,6 @@ def gaussian_threshold(x: jax.Array, k: int,
   return tau
 
 
-def _check_nonnegative(value: Any, name: str) -> float:
-  if (isinstance(value, bool) or not isinstance(value, numbers.Real)
-      or not 0.0 <= float(value) < math.inf):
-    raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
-  return float(value)
-
-
 def hard_threshold(threshold: float, *, capacity_ratio: float
                    ) -> HardThreshold:
   """Hard-threshold sparsifier: sends every entry with ``|a| >= threshold``.
@@ -195,8 +187,8 @@ def hard_threshold(threshold: float, *, capacity_ratio: float
   Reference: Sahu, Dutta, Abdelmoniem, Banerjee, Canini, Kalnis,
   "Rethinking gradient sparsification as total error minimization", 2021.
   """
-  threshold = _check_nonnegative(threshold, "threshold")
-  capacity_ratio = compressors.check_ratio(capacity_ratio, "capacity_ratio")
+  threshold = validation.finite_nonnegative(threshold, "threshold")
+  capacity_ratio = validation.ratio(capacity_ratio, "capacity_ratio")
   return HardThreshold(threshold=threshold, capacity_ratio=capacity_ratio)
 
 
@@ -222,7 +214,7 @@ def calibrate_threshold(grads: Any, target_density: float) -> float:
     >>> gs.calibrate_threshold(jnp.array([0.1, -4.0, 2.0, 0.5]), 0.5)
     2.0
   """
-  target_density = compressors.check_ratio(target_density, "target_density")
+  target_density = validation.ratio(target_density, "target_density")
   magnitudes = [np.abs(np.asarray(leaf, np.float64)).reshape(-1)
                 for leaf in jax.tree.leaves(grads)
                 if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating)]
@@ -231,7 +223,7 @@ def calibrate_threshold(grads: Any, target_density: float) -> float:
   if magnitudes.size == 0:
     raise ValueError("calibrate_threshold needs a non-empty float sample in "
                      "`grads`.")
-  k = compressors.budget_from(target_density, None, magnitudes.size)
+  k = wire.budget(target_density, magnitudes.size)
   # k-th largest magnitude, without a full sort.
   return float(np.partition(magnitudes, magnitudes.size - k)[
       magnitudes.size - k])
@@ -266,9 +258,9 @@ def gaussian_k(ratio: float, *, capacity_ratio: Optional[float] = None
   Reference: Shi, Chu, Cheung, See, "Understanding Top-k sparsification in
   distributed deep learning", 2019.
   """
-  ratio = compressors.check_ratio(ratio)
+  ratio = validation.ratio(ratio)
   if capacity_ratio is not None:
-    capacity_ratio = compressors.check_ratio(capacity_ratio, "capacity_ratio")
+    capacity_ratio = validation.ratio(capacity_ratio, "capacity_ratio")
     if capacity_ratio < ratio:
       raise ValueError(
           f"`capacity_ratio` must be in [ratio, 1] = [{ratio}, 1], got "

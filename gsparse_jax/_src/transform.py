@@ -6,6 +6,13 @@ dtypes, identical on every worker. Its state holds the error memory and
 compressor state of this worker (leading worker axis of local size 1, so a
 `shard_map` can shard it over the mesh and checkpoints hold every worker's),
 the step count, and the communication statistics.
+
+One step is a short pipeline: check the input against the state, flatten the
+float leaves into segments (`plan`), then, per segment, feedback `prepare` ->
+compressor `agree`/`select` -> compressor `aggregate` -> feedback `finish` ->
+compressor `update`, all inside one `lax.cond` that skips non-finite steps.
+The generic code here knows compressors and feedback rules only through
+their contracts (`compressors.Compressor`, `feedback.FeedbackRule`).
 """
 
 from __future__ import annotations
@@ -18,15 +25,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gsparse_jax._src import aggregate as aggregate_lib
 from gsparse_jax._src import axes
 from gsparse_jax._src import compressors
 from gsparse_jax._src import feedback as feedback_lib
-from gsparse_jax._src import payload as payload_lib
 from gsparse_jax._src import stats as stats_lib
+from gsparse_jax._src import validation
+from gsparse_jax._src import wire
+from gsparse_jax._src import workers as workers_lib
 
 GRANULARITIES = ("global", "layer")
 NONFINITE = ("skip", "raise", "ignore")
+MEMORY_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 class SparsifyState(NamedTuple):
@@ -34,17 +43,19 @@ class SparsifyState(NamedTuple):
 
   Per-worker fields (every leaf has a leading worker axis, of size 1 inside
   the step): ``memory``, ``compressor_state``, ``stats``. Fields identical on
-  every worker: ``count``, ``shared_memory``.
+  every worker: ``count``, ``shared_memory``, ``structure``.
 
   Attributes:
     count: int32 scalar, steps applied (skipped steps excluded); seeds the
       per-step randomness shared by all workers.
     memory: per segment, the worker's feedback memory (EF's ``e``, EF21's
-      ``h_i``, EF21M's ``(v_i, h_i)``), float32.
+      ``h_i``, EF21M's ``(v_i, h_i)``), at ``memory_dtype``.
     compressor_state: per segment, the compressor's worker state.
     shared_memory: per segment, memory identical on all workers (EF21's
-      ``h``).
+      ``h``), at ``memory_dtype``.
     stats: `CommStats`, cumulative, per worker.
+    structure: the gradient pytree's structure, with each leaf's size as an
+      int32 scalar; every update checks its input against it.
   """
 
   count: jax.Array
@@ -52,85 +63,65 @@ class SparsifyState(NamedTuple):
   compressor_state: tuple
   shared_memory: tuple
   stats: stats_lib.CommStats
+  structure: Any
 
 
 PER_WORKER_FIELDS = ("memory", "compressor_state", "stats")
 
 
 @dataclasses.dataclass(frozen=True)
-class _Segment:
-  """A flat vector compressed as one: leaves concatenated in order."""
+class Segment:
+  """A flat vector compressed as one: float leaves concatenated in order.
+
+  Attributes:
+    leaf_ids: positions of its leaves in the flattened gradient.
+    size: its length.
+    wire_dtype: the dtype its values travel in (the leaves' common dtype).
+    compressor: the compressor for it (specialized to the leaf's shape
+      under layer granularity).
+  """
+
   leaf_ids: tuple[int, ...]
   size: int
   wire_dtype: Any
-  shape: Optional[tuple[int, ...]] = None  # the leaf's, if layer-wise
+  compressor: compressors.Compressor
 
-  def compressor_for(self, compressor: compressors.Compressor
-                     ) -> compressors.Compressor:
-    """`compressor` specialized to this segment's tensor shape, if any."""
-    return compressor if self.shape is None else compressor.for_shape(
-        self.shape)
+  def wire(self) -> tuple[wire.Collective, ...]:
+    return self.compressor.wire(self.size, self.wire_dtype)
+
+
+class StepOutcome(NamedTuple):
+  """What one step (applied or skipped) produces, per segment."""
+
+  outputs: list
+  memory: tuple
+  compressor_state: tuple
+  shared_memory: tuple
+  sent_values: jax.Array
+  overflow: jax.Array
+
+
+def _leaf_size(leaf) -> int:
+  return int(np.prod(leaf.shape))
 
 
 def _is_compressible(leaf) -> bool:
-  return (jnp.issubdtype(leaf.dtype, jnp.floating)
-          and int(np.prod(leaf.shape)) > 0)
+  return jnp.issubdtype(leaf.dtype, jnp.floating) and _leaf_size(leaf) > 0
 
 
-def _plan(leaves, granularity: str) -> list[_Segment]:
+def plan(leaves, granularity: str, compressor: compressors.Compressor
+         ) -> list[Segment]:
   """How the float leaves are grouped into compressed segments (static)."""
   ids = [i for i, leaf in enumerate(leaves) if _is_compressible(leaf)]
   groups = [ids] if granularity == "global" and ids else [[i] for i in ids]
   return [
-      _Segment(tuple(group),
-               sum(int(np.prod(leaves[i].shape)) for i in group),
-               jnp.result_type(*(leaves[i].dtype for i in group)),
-               tuple(leaves[group[0]].shape) if granularity == "layer"
-               else None)
+      Segment(tuple(group),
+              sum(_leaf_size(leaves[i]) for i in group),
+              jnp.result_type(*(leaves[i].dtype for i in group)),
+              compressor.for_shape(tuple(leaves[group[0]].shape))
+              if granularity == "layer" else compressor)
       for group in groups
   ]
-
-
-def compress(compressor: compressors.Compressor, x: jax.Array, state: Any,
-             key: jax.Array, axis_name: Optional[str] = None,
-             wire_dtype: Any = None,
-             shape: Optional[tuple[int, ...]] = None) -> payload_lib.Payload:
-  """Compresses one worker's flat vector into a `Payload`.
-
-  Args:
-    compressor: a `Compressor` (e.g. `gsparse_jax.top_k(0.01)`).
-    x: a 1-D float array, this worker's (accumulated) vector.
-    state: the compressor's state for this vector (``compressor.init(x.size)``
-      on the first step).
-    key: a PRNG key, identical on every worker for this step.
-    axis_name: the workers' axis, used only by compressors that agree on
-      shared indices; None for one worker.
-    wire_dtype: dtype of the values on the wire (default ``x.dtype``).
-    shape: if ``x`` is one tensor flattened, its shape (compressors that
-      view the vector as a matrix, e.g. `arc_top_k`, then use its rows).
-
-  Returns:
-    The `Payload` (values, int32 indices, count), ready for `aggregate`.
-
-  Example:
-    >>> import jax, jax.numpy as jnp, gsparse_jax as gs
-    >>> c = gs.top_k(k=1)
-    >>> p = gs.compress(c, jnp.array([1.0, -4.0, 2.0]), c.init(3),
-    ...                 jax.random.key(0))
-    >>> p.indices.tolist(), p.values.tolist()
-    ([1], [-4.0])
-  """
-  if x.ndim != 1:
-    raise ValueError(f"compress takes a 1-D `x`, got shape {x.shape}.")
-  if shape is not None:
-    if int(np.prod(shape)) != x.shape[0]:
-      raise ValueError(f"compress: `shape` {tuple(shape)} does not match "
-                       f"the length {x.shape[0]} of `x`.")
-    compressor = compressor.for_shape(tuple(shape))
-  sent = compressor.select(x, state, key, axis_name)
-  if wire_dtype is not None and sent.values.dtype != jnp.dtype(wire_dtype):
-    sent = dataclasses.replace(sent, values=sent.values.astype(wire_dtype))
-  return sent
 
 
 def segment_key(count: jax.Array, segment_index: int) -> jax.Array:
@@ -147,7 +138,8 @@ def _check_nonfinite_raise(bad):
 
 def sparsify(compressor: compressors.Compressor, *, feedback: str = "ef",
              axis_name: Optional[str] = None, granularity: str = "global",
-             nonfinite: str = "skip", momentum: float = 0.9
+             nonfinite: str = "skip", momentum: float = 0.9,
+             memory_dtype: Any = jnp.float32
              ) -> optax.GradientTransformation:
   """Compresses each worker's gradient and returns the workers' mean.
 
@@ -165,6 +157,9 @@ def sparsify(compressor: compressors.Compressor, *, feedback: str = "ef",
       ``skipped_steps``); ``"raise"``: raise `FloatingPointError` on the host;
       ``"ignore"``: no check.
     momentum: EF21M's momentum ``beta`` in ``v <- beta v + (1 - beta) g``.
+    memory_dtype: the dtype the feedback memories are stored in (float32 by
+      default; bfloat16 halves the error memory of a large model). The
+      arithmetic is float32 either way.
 
   Returns:
     An `optax.GradientTransformation` whose state is a `SparsifyState`.
@@ -179,135 +174,155 @@ def sparsify(compressor: compressors.Compressor, *, feedback: str = "ef",
     >>> updates["w"].tolist()
     [-0.0, 5.0, -0.0]
 
-  Reference: Stich, Cordonnier, Jaggi, "Sparsified SGD with Memory", 2018.
+  Reference: Stich, Cordonnier, Jaggi, "Sparsified SGD with Memory", 2018
+  (arXiv 1809.07599).
   """
   if not isinstance(compressor, compressors.Compressor):
     raise ValueError("`compressor` must be a gsparse_jax Compressor (e.g. "
                      f"gs.top_k(0.01)); got {compressor!r}.")
-  compressors.check_choice(feedback, "feedback", feedback_lib.FEEDBACKS)
-  compressors.check_choice(granularity, "granularity", GRANULARITIES)
-  compressors.check_choice(nonfinite, "nonfinite", NONFINITE)
-  if not 0.0 <= float(momentum) < 1.0:
-    raise ValueError(f"`momentum` must be in [0, 1), got {momentum!r}.")
+  validation.choice(feedback, "feedback", feedback_lib.FEEDBACKS)
+  validation.choice(granularity, "granularity", GRANULARITIES)
+  validation.choice(nonfinite, "nonfinite", NONFINITE)
+  momentum = validation.in_interval(momentum, "momentum", 0.0, 1.0)
   if axis_name is not None and not isinstance(axis_name, str):
     raise ValueError(f"`axis_name` must be a string or None, got "
                      f"{axis_name!r}.")
-
-  per_worker = lambda x: x[None]
+  memory_dtype = _check_memory_dtype(memory_dtype)
+  rule = feedback_lib.rule(feedback, momentum)
+  workers = workers_lib.Workers(axis_name)
 
   def init_fn(params):
     leaves = jax.tree.leaves(params)
-    segments = _plan(leaves, granularity)
-    memories = [feedback_lib.init_memory(feedback, s.size) for s in segments]
+    _check_leaves(params)
+    segments = plan(leaves, granularity, compressor)
+    memories = [rule.init(s.size) for s in segments]
+    store = lambda tree: jax.tree.map(lambda m: m.astype(memory_dtype), tree)
     return SparsifyState(
         count=jnp.zeros([], jnp.int32),
-        memory=jax.tree.map(per_worker, tuple(m for m, _ in memories)),
-        compressor_state=jax.tree.map(
-            per_worker, tuple(s.compressor_for(compressor).init(s.size)
-                              for s in segments)),
-        shared_memory=tuple(shared for _, shared in memories),
+        memory=_per_worker(store(tuple(m for m, _ in memories))),
+        compressor_state=_per_worker(
+            tuple(s.compressor.init(s.size) for s in segments)),
+        shared_memory=store(tuple(shared for _, shared in memories)),
         stats=stats_lib.init_stats(),
+        structure=jax.tree.map(
+            lambda leaf: jnp.asarray(_leaf_size(leaf), jnp.int32), params),
     )
+
+  def communicate(segments, count, grads, memory, comp_state, shared_memory
+                  ) -> StepOutcome:
+    """Every segment's step: prepare, compress, aggregate, finish, update."""
+    as_f32 = lambda tree: jax.tree.map(lambda m: m.astype(jnp.float32), tree)
+    stored = lambda tree: jax.tree.map(lambda m: m.astype(memory_dtype), tree)
+    outs, new_memory, new_comp, new_shared = [], [], [], []
+    sent_values = overflow = jnp.zeros([], jnp.int32)
+    for index, (segment, grad) in enumerate(zip(segments, grads)):
+      c = segment.compressor
+      x, worker_mem = rule.prepare(grad, as_f32(memory[index]))
+      sent = compressors.compress(c, x, comp_state[index],
+                                  segment_key(count, index), axis_name,
+                                  segment.wire_dtype)
+      mean = c.aggregate(sent, workers)
+      out, worker_mem, shared = rule.finish(
+          x, c, sent, mean, worker_mem, as_f32(shared_memory[index]))
+      new_comp.append(c.update(comp_state[index], sent,
+                               compressors.Received(mean, workers.size)))
+      outs.append(out)
+      new_memory.append(stored(worker_mem))
+      new_shared.append(stored(shared))
+      sent_values = sent_values + sent.count
+      overflow = overflow + sent.overflow
+    return StepOutcome(outs, tuple(new_memory), tuple(new_comp),
+                       tuple(new_shared), sent_values, overflow)
+
+  def skip(segments, count, grads, memory, comp_state, shared_memory
+           ) -> StepOutcome:
+    del count, grads
+    none_sent = jnp.zeros([], jnp.int32)
+    return StepOutcome([jnp.zeros((s.size,), jnp.float32) for s in segments],
+                       memory, comp_state, shared_memory, none_sent,
+                       none_sent)
 
   def update_fn(updates, state, params=None):
     del params
+    _check_state(updates, state)
+    _check_leaves(updates)
     leaves, treedef = jax.tree.flatten(updates)
-    segments = _plan(leaves, granularity)
-    _check_state_matches(state, segments)
-    local = lambda tree: jax.tree.map(lambda x: x[0], tree)
-    memory, comp_state = local(state.memory), local(state.compressor_state)
-
-    grads = [
-        jnp.concatenate([leaves[i].reshape(-1).astype(jnp.float32)
-                         for i in s.leaf_ids]) for s in segments
-    ]
-    # Static per-step figures, filled in while the step is traced.
-    wire_bytes = []
-
-    def communicate(grads, memory, comp_state, shared_memory):
-      """One step of every segment: compress, aggregate, new memories."""
-      outs, new_memory, new_comp, new_shared = [], [], [], []
-      sent_values = overflow = jnp.zeros([], jnp.int32)
-      wire_bytes.clear()
-      for index, (segment, grad) in enumerate(zip(segments, grads)):
-        x, worker_mem = feedback_lib.prepare(feedback, grad, memory[index],
-                                             momentum)
-        segment_compressor = segment.compressor_for(compressor)
-        sent = compress(segment_compressor, x, comp_state[index],
-                        segment_key(state.count, index), axis_name,
-                        segment.wire_dtype)
-        mean = aggregate_lib.aggregate(sent, axis_name)
-        out, worker_mem, shared = feedback_lib.finish(
-            feedback, x, sent, mean, worker_mem, shared_memory[index])
-        new_comp.append(segment_compressor.update(
-            comp_state[index], sent, mean, axes.num_workers(axis_name)))
-        outs.append(out)
-        new_memory.append(worker_mem)
-        new_shared.append(shared)
-        sent_values = sent_values + sent.count
-        if sent.overflow is not None:
-          overflow = overflow + sent.overflow
-        wire_bytes.append(sent.wire_bytes())
-      return (outs, tuple(new_memory), tuple(new_comp), tuple(new_shared),
-              sent_values, overflow)
-
-    def skip(grads, memory, comp_state, shared_memory):
-      zeros = [jnp.zeros((s.size,), jnp.float32) for s in segments]
-      none_sent = jnp.zeros([], jnp.int32)
-      return (zeros, memory, comp_state, shared_memory, none_sent, none_sent)
-
-    operands = (grads, memory, comp_state, state.shared_memory)
+    segments = plan(leaves, granularity, compressor)
+    _check_segments(state, segments)
+    grads = [jnp.concatenate([leaves[i].reshape(-1).astype(jnp.float32)
+                              for i in s.leaf_ids]) for s in segments]
+    operands = (state.count, grads, _local(state.memory),
+                _local(state.compressor_state), state.shared_memory)
     applied = _all_finite(grads, axis_name, nonfinite)
     if nonfinite == "ignore":
-      results = communicate(*operands)
+      outcome = communicate(segments, *operands)
     else:
       # A real branch, not a select: a finite step pays nothing for the
       # check but one read of the gradient, and a skipped step leaves every
       # memory bit-for-bit as it was. `applied` is the same on all workers.
-      results = jax.lax.cond(applied,
-                             _typed_per_worker(communicate, axis_name),
-                             _typed_per_worker(skip, axis_name), *operands)
-    outs, new_memory, new_comp, new_shared, sent_values, overflow = results
-
-    new_state = SparsifyState(
+      outcome = jax.lax.cond(
+          applied, _typed_per_worker(communicate, segments, axis_name),
+          _typed_per_worker(skip, segments, axis_name), *operands)
+    new_state = state._replace(
         count=state.count + applied.astype(jnp.int32),
-        memory=jax.tree.map(per_worker, new_memory),
-        compressor_state=jax.tree.map(per_worker, new_comp),
-        shared_memory=new_shared,
-        stats=stats_lib.record_step(
-            state.stats, applied=applied, sent_values=sent_values,
-            sent_bytes=sum(wire_bytes),
-            dense_values=sum(s.size for s in segments),
-            dense_bytes=sum(s.size * jnp.dtype(s.wire_dtype).itemsize
-                            for s in segments),
-            overflow_values=overflow),
-    )
-    new_leaves = list(leaves)
-    for segment, out in zip(segments, outs):
-      offset = 0
-      for i in segment.leaf_ids:
-        leaf = leaves[i]
-        n = int(np.prod(leaf.shape))
-        new_leaves[i] = out[offset:offset + n].reshape(leaf.shape).astype(
-            leaf.dtype)
-        offset += n
-    return jax.tree.unflatten(treedef, new_leaves), new_state
+        memory=_per_worker(outcome.memory),
+        compressor_state=_per_worker(outcome.compressor_state),
+        shared_memory=outcome.shared_memory,
+        stats=_record(state.stats, segments, applied, outcome))
+    return _unflatten(outcome.outputs, leaves, segments, treedef), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _typed_per_worker(branch, axis_name):
+def _per_worker(tree):
+  """Adds the leading worker axis (local size 1) to every leaf."""
+  return jax.tree.map(lambda x: x[None], tree)
+
+
+def _local(tree):
+  """Drops the leading worker axis."""
+  return jax.tree.map(lambda x: x[0], tree)
+
+
+def _record(stats, segments, applied, outcome) -> stats_lib.CommStats:
+  """The statistics after this step; the byte figures are static."""
+  return stats_lib.record_step(
+      stats, applied=applied, sent_values=outcome.sent_values,
+      sent_bytes=sum(wire.total_bytes(s.wire()) for s in segments),
+      dense_values=sum(s.size for s in segments),
+      dense_bytes=sum(s.size * jnp.dtype(s.wire_dtype).itemsize
+                      for s in segments),
+      overflow_values=outcome.overflow)
+
+
+def _unflatten(outputs, leaves, segments, treedef):
+  """The output pytree: segments cut back into leaves, in their dtypes."""
+  new_leaves = list(leaves)
+  for segment, out in zip(segments, outputs):
+    offset = 0
+    for i in segment.leaf_ids:
+      leaf = leaves[i]
+      n = _leaf_size(leaf)
+      new_leaves[i] = out[offset:offset + n].reshape(leaf.shape).astype(
+          leaf.dtype)
+      offset += n
+  return jax.tree.unflatten(treedef, new_leaves)
+
+
+def _typed_per_worker(branch, segments, axis_name):
   """``branch`` with its per-worker outputs typed varying across workers.
 
   Both branches of `lax.cond` under `shard_map` must agree on whether each
   output varies across workers; a skipped step returns per-worker state that
   may be typed replicated (e.g. a constant count), so both are cast alike.
   """
-  def typed(*args):
-    outs, memory, comp_state, shared, sent_values, overflow = branch(*args)
+  def typed(*operands):
+    outcome = branch(segments, *operands)
     memory, comp_state, sent_values, overflow = axes.to_varying(
-        (memory, comp_state, sent_values, overflow), axis_name)
-    return outs, memory, comp_state, shared, sent_values, overflow
+        (outcome.memory, outcome.compressor_state, outcome.sent_values,
+         outcome.overflow), axis_name)
+    return outcome._replace(memory=memory, compressor_state=comp_state,
+                            sent_values=sent_values, overflow=overflow)
 
   return typed
 
@@ -327,17 +342,82 @@ def _all_finite(grads, axis_name, nonfinite) -> jax.Array:
   return bad == 0
 
 
-def _check_state_matches(state, segments) -> None:
+def _check_memory_dtype(memory_dtype) -> Any:
+  try:
+    dtype = jnp.dtype(memory_dtype)
+  except TypeError:
+    dtype = None
+  if dtype is None or dtype.name not in MEMORY_DTYPES:
+    raise ValueError(f"`memory_dtype` must be one of {MEMORY_DTYPES}; got "
+                     f"{memory_dtype!r}.")
+  return dtype
+
+
+def _path_name(path) -> str:
+  return jax.tree_util.keystr(path) or "<root>"
+
+
+def _check_leaves(tree) -> None:
+  """Every leaf is an array-like of a real dtype (complex is refused)."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None or not hasattr(leaf, "shape"):
+      raise TypeError(
+          f"sparsify: leaf {_path_name(path)} is a {type(leaf).__name__}, "
+          "not an array; pass a pytree of arrays.")
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+      raise ValueError(
+          f"sparsify: leaf {_path_name(path)} has complex dtype {dtype}; "
+          "only real float leaves are compressed (split complex gradients "
+          "into real and imaginary parts).")
+
+
+def _check_state(updates, state) -> None:
+  """The state is a `SparsifyState` made for a pytree of this structure."""
   if not isinstance(state, SparsifyState):
     raise ValueError("sparsify's update got a state that is not a "
                      f"SparsifyState: {type(state).__name__}.")
-  expected = tuple(s.size for s in segments)
-  sizes = tuple(
-      jax.tree.leaves(m)[0].shape[-1] if jax.tree.leaves(m) else None
-      for m in state.memory)
-  if len(state.memory) != len(segments) or any(
-      s is not None and s != e for s, e in zip(sizes, expected)):
+  expected = jax.tree.structure(state.structure)
+  got = jax.tree.structure(updates)
+  if expected != got:
     raise ValueError(
-        "sparsify: the gradient pytree does not match the state it was "
-        f"initialized with (compressed segment sizes {expected}, state has "
-        f"{sizes}). Call init with parameters of the same structure.")
+        "sparsify: the gradient pytree's structure differs from the one the "
+        f"state was initialized with: expected {expected}, got {got}. Call "
+        "init with parameters of the same structure as the gradients.")
+  sizes = jax.tree.leaves(state.structure)
+  for (path, leaf), size in zip(
+      jax.tree_util.tree_flatten_with_path(updates)[0], sizes):
+    if not isinstance(size, jax.core.Tracer) and _leaf_size(leaf) != int(
+        np.asarray(size)):
+      raise ValueError(
+          f"sparsify: leaf {_path_name(path)} has {_leaf_size(leaf)} "
+          f"entries (shape {tuple(leaf.shape)}); the state was initialized "
+          f"for {int(np.asarray(size))}.")
+
+
+def _check_segments(state, segments) -> None:
+  """Per-worker state holds exactly one worker's segments of these sizes."""
+  if len(state.memory) != len(segments) or len(state.compressor_state) != len(
+      segments):
+    raise ValueError(
+        f"sparsify: the state holds {len(state.memory)} compressed segments, "
+        f"the gradient has {len(segments)}. Call init with parameters of the "
+        "same structure and dtypes as the gradients.")
+  for field in PER_WORKER_FIELDS:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(
+        getattr(state, field))[0]:
+      if leaf.ndim == 0 or leaf.shape[0] != 1:
+        raise ValueError(
+            f"sparsify: state leaf {field}{_path_name(path)} has shape "
+            f"{tuple(leaf.shape)}, expected a leading worker axis of size 1 "
+            "inside the step. Under shard_map, shard per-worker state over "
+            "the workers' axis: in_specs/out_specs from "
+            "gs.state_partition_specs(opt_state, axis_name); under vmap/pmap "
+            "map the state over the workers.")
+  for index, (segment, memory) in enumerate(zip(segments, state.memory)):
+    for leaf in jax.tree.leaves(memory):
+      if leaf.shape[-1] != segment.size:
+        raise ValueError(
+            f"sparsify: segment {index} of the gradient has {segment.size} "
+            f"entries, its state memory has {leaf.shape[-1]}. Call init with "
+            "parameters of the same structure as the gradients.")
