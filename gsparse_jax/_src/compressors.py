@@ -50,15 +50,20 @@ class SelectContext(NamedTuple):
 
 
 class Received(NamedTuple):
-  """What every worker received in a step, for `Compressor.update`.
+  """What every worker received in a step (`Compressor.aggregate`).
 
   Attributes:
-    mean: ``[size]`` float32, the mean over workers of what they sent.
+    mean: ``[size]`` float32, the mean over workers of what they sent,
+      identical on every worker.
     num_workers: the number of workers (static).
+    aux: anything else the compressor's aggregation produced that its
+      `Compressor.update` needs (e.g. aggregated low-rank factors); None
+      for the standard layouts.
   """
 
   mean: jax.Array
   num_workers: int
+  aux: Any = None
 
   @property
   def total(self) -> jax.Array:
@@ -75,9 +80,10 @@ class Compressor(abc.ABC):
   1. `agree` (optional): collectives the workers run BEFORE choosing what to
      send (ARC-Top-K's shared sketch); default none.
   2. `select`: the `Payload` this worker sends; no collectives.
-  3. `aggregate`: the mean over workers of what they sent (a dense float32
-     vector identical on every worker); by default from the payload's
-     standard layout (`layout`).
+  3. `aggregate`: what every worker receives, a `Received` whose ``mean``
+     is the mean over workers of what they sent (a dense float32 vector
+     identical on every worker); by default from the payload's standard
+     layout (`layout`).
   4. `add_sent`: ``x + sign * (what this worker sent, dense)``, which error
      feedback uses to keep what was not sent.
   5. `update`: the compressor's per-worker state for the next step, from
@@ -155,9 +161,9 @@ class Compressor(abc.ABC):
     """
 
   def aggregate(self, sent: Payload, workers: workers_lib.Workers
-                ) -> jax.Array:
-    """The float32 mean over workers of what they sent (identical on all)."""
-    return aggregate_lib.aggregate(sent, workers)
+                ) -> Received:
+    """What every worker receives: the float32 mean of what all sent."""
+    return Received(aggregate_lib.aggregate(sent, workers), workers.size)
 
   def add_sent(self, x: jax.Array, sent: Payload, sign: float) -> jax.Array:
     """``x + sign * (the dense vector this worker's payload stands for)``."""

@@ -221,11 +221,10 @@ def sparsify(compressor: compressors.Compressor, *, feedback: str = "ef",
       sent = compressors.compress(c, x, comp_state[index],
                                   segment_key(count, index), axis_name,
                                   segment.wire_dtype)
-      mean = c.aggregate(sent, workers)
+      received = c.aggregate(sent, workers)
       out, worker_mem, shared = rule.finish(
-          x, c, sent, mean, worker_mem, as_f32(shared_memory[index]))
-      new_comp.append(c.update(comp_state[index], sent,
-                               compressors.Received(mean, workers.size)))
+          x, c, sent, received.mean, worker_mem, as_f32(shared_memory[index]))
+      new_comp.append(c.update(comp_state[index], sent, received))
       outs.append(out)
       new_memory.append(stored(worker_mem))
       new_shared.append(stored(shared))
