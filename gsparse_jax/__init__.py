@@ -5,6 +5,7 @@ from gsparse_jax._src import cost_model
 from gsparse_jax._src.aggregate import aggregate
 from gsparse_jax._src.approximate import approx_top_k
 from gsparse_jax._src.arc_top_k import arc_top_k
+from gsparse_jax._src.cast import cast
 from gsparse_jax._src.compressors import compress
 from gsparse_jax._src.compressors import Compressor
 from gsparse_jax._src.compressors import Received
@@ -16,11 +17,14 @@ from gsparse_jax._src.distributed import local_grad
 from gsparse_jax._src.distributed import local_value_and_grad
 from gsparse_jax._src.distributed import state_partition_specs
 from gsparse_jax._src.payload import Payload
+from gsparse_jax._src.power_sgd import power_sgd
+from gsparse_jax._src.qsgd import qsgd
 from gsparse_jax._src.reg_top_k import reg_top_k
 from gsparse_jax._src.registry import compressor_from_ratio
 from gsparse_jax._src.registry import compressor_names
 from gsparse_jax._src.registry import REGISTRY as COMPRESSORS
 from gsparse_jax._src.reg_top_k import RegTopKState
+from gsparse_jax._src.sign import sign
 from gsparse_jax._src.stats import comm_stats
 from gsparse_jax._src.stats import CommStats
 from gsparse_jax._src.threshold_compressors import calibrate_threshold
@@ -44,6 +48,7 @@ __all__ = (
     "approx_top_k",
     "arc_top_k",
     "calibrate_threshold",
+    "cast",
     "COMPRESSORS",
     "comm_stats",
     "compress",
@@ -55,8 +60,11 @@ __all__ = (
     "hard_threshold",
     "local_grad",
     "local_value_and_grad",
+    "power_sgd",
+    "qsgd",
     "rand_k",
     "reg_top_k",
+    "sign",
     "sparsify",
     "state_partition_specs",
     "top_k",

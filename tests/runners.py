@@ -77,3 +77,19 @@ def worker_rows(x, workers):
   """A per-worker state leaf as ``[workers, ...]`` whatever the context."""
   x = np.asarray(x)
   return x.reshape((workers,) + x.shape[-1:]) if x.ndim > 1 else x
+
+
+def normal_grads(params, steps, workers, seed=0):
+  """Gaussian gradients shaped like ``params``: leaves ``[steps, workers, ...]``."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda p: jnp.asarray(rng.normal(size=(steps, workers) + p.shape),
+                            jnp.float32), params)
+
+
+def flat(tree):
+  """Leaves ``[steps, workers, ...]`` concatenated in pytree-leaf order."""
+  leaves = jax.tree.leaves(tree)
+  lead = leaves[0].shape[:2]
+  return np.concatenate([np.asarray(l).reshape(lead + (-1,)) for l in leaves],
+                        axis=-1)

@@ -230,15 +230,22 @@ class TopK(Compressor):
   ratio: Optional[float] = None
   k: Optional[int] = None
   method: str = "auto"
+  value_dtype: Optional[Any] = None  # None: the gradient's dtype
 
   def budget(self, size):
     return wire.budget(self.ratio, size, self.k)
+
+  def wire(self, size, value_dtype):
+    return super().wire(size, self.value_dtype or value_dtype)
 
   def select(self, x, state, context):
     del state
     k = self.budget(x.shape[0])
     indices = selection.top_k_abs(x, k, method=self.method)
-    return payload_lib.sparse_payload(x, indices, k, context.value_dtype)
+    # Values rounded to `value_dtype` are what travels and what `add_sent`
+    # adds, so error feedback keeps the rounding error too.
+    return payload_lib.sparse_payload(x, indices, k,
+                                      self.value_dtype or context.value_dtype)
 
 
 def uniform_subset(key: jax.Array, size: int, k: int) -> jax.Array:
@@ -324,8 +331,11 @@ class Dense(Compressor):
     return payload_lib.dense_payload(x, context.value_dtype)
 
 
+VALUE_DTYPES = ("bfloat16", "float16", "float32")
+
+
 def top_k(ratio: Optional[float] = None, *, k: Optional[int] = None,
-          method: str = "auto") -> TopK:
+          method: str = "auto", value_dtype: Any = None) -> TopK:
   """Exact Top-k sparsifier: keeps the ``k`` entries of largest magnitude.
 
   Args:
@@ -333,6 +343,10 @@ def top_k(ratio: Optional[float] = None, *, k: Optional[int] = None,
     k: the number kept instead of a ratio (clamped to the vector's length).
     method: ``"sort"`` (`jax.lax.top_k`), ``"threshold"`` (sampled-threshold
       exact selection, same result) or ``"auto"``.
+    value_dtype: the dtype the kept values travel in (``jnp.bfloat16``:
+      6 bytes per entry with its int32 index instead of 8); None: the
+      gradient's dtype. With error feedback the rounding error stays in
+      memory.
 
   Returns:
     A `Compressor`.
@@ -352,7 +366,9 @@ def top_k(ratio: Optional[float] = None, *, k: Optional[int] = None,
   else:
     k = validation.positive_int(k, "k")
   validation.choice(method, "method", selection.METHODS)
-  return TopK(ratio=ratio, k=k, method=method)
+  if value_dtype is not None:
+    value_dtype = validation.dtype(value_dtype, "value_dtype", VALUE_DTYPES)
+  return TopK(ratio=ratio, k=k, method=method, value_dtype=value_dtype)
 
 
 def rand_k(ratio: float, *, seed: int = 0, shared: bool = True,

@@ -11,8 +11,8 @@ such as hard-threshold).
 
 Example:
   >>> import gsparse_jax as gs
-  >>> sorted(gs.compressor_names())[:3]
-  ['approx_top_k', 'arc_top_k', 'dense']
+  >>> sorted(gs.compressor_names())[:2]
+  ['approx_top_k', 'arc_top_k']
   >>> gs.compressor_from_ratio("top_k", 0.01).budget(1000)
   10
 """
@@ -23,8 +23,12 @@ from typing import Any, Callable, NamedTuple, Optional
 
 from gsparse_jax._src import approximate
 from gsparse_jax._src import arc_top_k
+from gsparse_jax._src import cast
 from gsparse_jax._src import compressors
+from gsparse_jax._src import power_sgd
+from gsparse_jax._src import qsgd
 from gsparse_jax._src import reg_top_k
+from gsparse_jax._src import sign
 from gsparse_jax._src import threshold_compressors
 from gsparse_jax._src import validation
 
@@ -82,6 +86,24 @@ _ENTRIES = (
     CompressorEntry("arc_top_k", arc_top_k.arc_top_k,
                     lambda ratio, sample: arc_top_k.arc_top_k(ratio),
                     "ARC-Top-K: shared rows from a sketch, one all-reduce"),
+    CompressorEntry("top_k_bf16", compressors.top_k,
+                    lambda ratio, sample: compressors.top_k(
+                        ratio, value_dtype="bfloat16"),
+                    "exact Top-k, values sent in bfloat16 (6 B per entry)"),
+    CompressorEntry("power_sgd", power_sgd.power_sgd,
+                    lambda ratio, sample: power_sgd.power_sgd(),
+                    "PowerSGD rank 1 per matrix (granularity='layer'); "
+                    "ratio ignored"),
+    CompressorEntry("sign", sign.sign,
+                    lambda ratio, sample: sign.sign(),
+                    "scaled sign, 1 bit per entry (EF-signSGD); ratio "
+                    "ignored"),
+    CompressorEntry("qsgd", qsgd.qsgd,
+                    lambda ratio, sample: qsgd.qsgd(),
+                    "QSGD 4 bits, unbiased stochastic levels; ratio ignored"),
+    CompressorEntry("cast", cast.cast,
+                    lambda ratio, sample: cast.cast(),
+                    "dense all-reduce in bfloat16; ratio ignored"),
 )
 
 REGISTRY: dict[str, CompressorEntry] = {e.name: e for e in _ENTRIES}

@@ -19,6 +19,8 @@ import math
 import numbers
 from typing import Any, Optional
 
+import jax.numpy as jnp
+
 
 def _is_real(value: Any) -> bool:
   return isinstance(value, numbers.Real) and not isinstance(value, bool)
@@ -93,3 +95,19 @@ def choice(value: Any, name: str, allowed: tuple) -> Any:
         f"`{name}` must be one of {', '.join(map(repr, allowed))}; "
         f"got {value!r}.")
   return value
+
+
+def dtype(value: Any, name: str, allowed: tuple[str, ...]) -> Any:
+  """A dtype (a name, a NumPy/JAX dtype or scalar type) among ``allowed``.
+
+  Returns:
+    The `numpy.dtype` (hashable, so compressors can hold it).
+  """
+  try:
+    normalized = jnp.dtype(value)
+  except TypeError:
+    normalized = None
+  if normalized is None or normalized.name not in allowed:
+    raise ValueError(f"`{name}` must be one of {', '.join(allowed)}; got "
+                     f"{value!r}.")
+  return normalized
