@@ -1,13 +1,19 @@
 """Step time of `sparsify(...) + sgd` vs a plain `sgd` step, side by side.
 
-Two settings, each timed in the same run with medians of repeats:
-* single device: a jitted update on a flat parameter vector of d values
-  (1e6..1e8), `sparsify(c) + sgd` vs `sgd`;
+Two settings, each timed in the same run with medians of repeats, for every
+compressor of the registry (`gs.compressor_names()`, at ratio 0.01 where it
+takes one) plus Top-k with the full sort:
+* single device: a jitted update on one ``d / 1000 x 1000`` matrix parameter
+  (d = 1e6..1e8), `sparsify(c) + sgd` vs `sgd`;
 * 8-device `shard_map`: a training step of an MLP (~1e6 parameters), with
   the plain step all-reducing the dense gradient (what `jax.grad` does by
   itself there) vs local gradient + `sparsify(c)` + sgd.
 
+Compression is per tensor (``granularity="layer"``) so that PowerSGD sees
+matrices; with one leaf that is the same as global granularity.
+
 Run: python -m benchmarks.step_overhead --out DIR [--quick]
+     [--sizes 1e7] [--compressors top_k power_sgd ...]
 """
 
 from __future__ import annotations
@@ -32,37 +38,31 @@ AXIS = "data"
 double = jax.jit(lambda x: x * 2.0)
 
 
-def compressors(quick: bool):
-  table = {
-      "top_k(0.01)": gs.top_k(0.01),
-      "top_k(0.01,sort)": gs.top_k(0.01, method="sort"),
-      "rand_k(0.01)": gs.rand_k(0.01),
-      "dense()": gs.dense(),
-  }
-  optional = {
-      "hard_threshold": lambda: gs.hard_threshold(2.5, capacity_ratio=0.02),
-      "gaussian_k(0.01)": lambda: gs.gaussian_k(0.01),
-      "reg_top_k(0.01)": lambda: gs.reg_top_k(0.01),
-      "arc_top_k(0.01)": lambda: gs.arc_top_k(0.01),
-  }
-  for name, make in optional.items():
-    try:
-      table[name] = make()
-    except AttributeError:  # compressor not in this version
-      pass
-  if quick:
-    table = {k: table[k] for k in ("top_k(0.01)", "dense()")}
+RATIO = 0.01
+COLUMNS = 1000  # the single-device parameter is a (d / 1000, 1000) matrix
+
+
+def compressors(quick: bool, names=None):
+  """Label -> compressor: the registry's (or ``names``), + Top-k by sort."""
+  names = names or (("top_k", "dense") if quick else gs.compressor_names())
+  table = {name: gs.compressor_from_ratio(name, RATIO) for name in names
+           if name != "hard_threshold"}
+  if "hard_threshold" in names:  # calibrated on the gradient's distribution
+    table["hard_threshold"] = gs.hard_threshold(2.5, capacity_ratio=0.02)
+  if "top_k" in table and not quick:
+    table["top_k (sort)"] = gs.top_k(RATIO, method="sort")
   return table
 
 
-def single_device(size: int, repeats: int, quick: bool) -> dict:
-  """Jitted optimizer update on one flat vector: ratio to plain sgd.
+def single_device(size: int, repeats: int, table: dict) -> dict:
+  """Jitted optimizer update on one matrix: ratio to plain sgd.
 
   The full sort (`top_k(..., method="sort")`) is timed up to d = 1e7 only:
   at 1e8 one call takes tens of seconds here.
   """
-  params = jnp.zeros((size,), jnp.float32)
-  grads = jax.random.normal(jax.random.key(0), (size,), jnp.float32)
+  shape = (size // COLUMNS, COLUMNS)
+  params = jnp.zeros(shape, jnp.float32)
+  grads = jax.random.normal(jax.random.key(0), shape, jnp.float32)
 
   def timed(tx):
     state = tx.init(params)
@@ -84,7 +84,7 @@ def single_device(size: int, repeats: int, quick: bool) -> dict:
   rows = {"sgd": base}
   # The update alone against the read+write floor (`x * 2.0`, a fresh
   # output like the dense update's), state donated as in a training step.
-  tx = gs.sparsify(gs.top_k(0.01))
+  tx = gs.sparsify(gs.top_k(RATIO))
   update = jax.jit(tx.update, donate_argnums=(1,))
   update_state = [tx.init(params)]
 
@@ -95,10 +95,11 @@ def single_device(size: int, repeats: int, quick: bool) -> dict:
   floors = _common.time_interleaved(
       {"update": run_update, "read_write": lambda: double(grads)},
       repeats=repeats)
-  for name, c in compressors(quick).items():
-    if name.endswith("sort)") and size > 10_000_000:
+  for name, c in table.items():
+    if name.endswith("(sort)") and size > 10_000_000:
       continue
-    rows[name] = timed(optax.chain(gs.sparsify(c), optax.sgd(0.1)))
+    rows[name] = timed(optax.chain(gs.sparsify(c, granularity="layer"),
+                                   optax.sgd(0.1)))
   result = {name: {"seconds": t, "ratio_to_sgd": t / base}
             for name, t in rows.items()}
   result["sparsify(top_k(0.01)) update"] = {
@@ -124,7 +125,7 @@ def mlp_loss(params, x, y):
 
 
 def sharded_training(sizes, batch_per_worker: int, repeats: int,
-                     quick: bool) -> dict:
+                     table: dict) -> dict:
   """Step time under an 8-device shard_map: ratio to the dense sgd step."""
   mesh = jax.make_mesh((jax.device_count(),), (AXIS,))
   params = mlp_init(jax.random.key(0), sizes)
@@ -165,8 +166,9 @@ def sharded_training(sizes, batch_per_worker: int, repeats: int,
   base = timed(optax.sgd(0.1), dense_grad)
   rows = {"sgd (dense all-reduce)": base}
   local = gs.local_value_and_grad(mlp_loss, AXIS)
-  for name, c in compressors(quick).items():
-    tx = optax.chain(gs.sparsify(c, axis_name=AXIS), optax.sgd(0.1))
+  for name, c in table.items():
+    tx = optax.chain(gs.sparsify(c, axis_name=AXIS, granularity="layer"),
+                     optax.sgd(0.1))
     rows[name] = timed(tx, local)
   parameters = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
   return {"parameters": parameters, "workers": mesh.size,
@@ -179,16 +181,24 @@ def main(argv=None):
   parser.add_argument("--out", required=True)
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--repeats", type=int, default=None)
+  parser.add_argument("--sizes", type=float, nargs="+", default=None,
+                      help="single-device sizes d (multiples of 1000)")
+  parser.add_argument("--compressors", nargs="+", default=None,
+                      choices=gs.compressor_names(),
+                      help="registry names (default: all)")
   args = parser.parse_args(argv)
   repeats = args.repeats or (3 if args.quick else 15)
-  sizes = [10_000] if args.quick else [1_000_000, 10_000_000, 100_000_000]
+  sizes = ([int(s) for s in args.sizes] if args.sizes else
+           [10_000] if args.quick else [1_000_000, 10_000_000, 100_000_000])
+  if any(size % COLUMNS or size < COLUMNS for size in sizes):
+    parser.error(f"--sizes must be multiples of {COLUMNS}")
   mlp = [64, 64, 10] if args.quick else [64, 1000, 1000, 10]
+  table = compressors(args.quick, args.compressors)
 
   result = {"machine": _common.machine_description(), "single_device": {},
-            "shard_map": sharded_training(mlp, 32, repeats, args.quick)}
+            "shard_map": sharded_training(mlp, 32, repeats, table)}
   for size in sizes:
-    result["single_device"][str(size)] = single_device(size, repeats,
-                                                       args.quick)
+    result["single_device"][str(size)] = single_device(size, repeats, table)
   _common.write_json(args.out, "step_overhead", result)
 
   def plot(ax):

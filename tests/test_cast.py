@@ -43,6 +43,9 @@ def test_cast_matches_reference_with_error_feedback(dtype, context, mesh):
 
 
 def test_cast_bytes_are_half_of_float32():
+  c = gs.cast()
+  assert gs.compress(c, jnp.ones(3), (), jax.random.key(0)).values.dtype == (
+      jnp.bfloat16)  # what the all-reduce carries
   tx = gs.sparsify(gs.cast(), axis_name=runners.AXIS)
   _, state = runners.run_steps(tx, PARAMS, runners.normal_grads(
       PARAMS, 2, 2), "vmap")
