@@ -8,8 +8,8 @@ not divide 32. The stream takes ``ceil(size * width / 32)`` words
 (`wire.packed_words`); unused high bits of the last word are zero.
 
 Both directions work on groups of 32 fields (``width`` words each) with
-shifts whose pattern is static, so XLA fuses them into elementwise passes: no
-scatter, no gather, no sort.
+shifts and word positions that are static, so XLA fuses them into a few
+elementwise passes: no scatter and no sort.
 
 Example:
   >>> import jax.numpy as jnp
@@ -98,22 +98,17 @@ def unpack_fields(words: jax.Array, size: int, width: int) -> jax.Array:
   width = _check_width(width)
   groups = -(-size // _GROUP)
   lead = words.shape[:-1]
-  padding = [(0, 0)] * len(lead) + [(0, groups * width - words.shape[-1])]
-  grouped = jnp.pad(words.astype(jnp.uint32), padding).reshape(
-      lead + (groups, width))
+  # One zero word past the end, so every word has a successor.
+  padded = jnp.pad(words.astype(jnp.uint32), [(0, 0)] * len(lead) + [
+      (0, groups * width + 1 - words.shape[-1])])
+  here = padded[..., :groups * width].reshape(lead + (groups, width))
+  after = padded[..., 1:groups * width + 1].reshape(lead + (groups, width))
   word, offset, spills = _layout(width)
-  parts = []
-  for k in range(width):
-    # Broadcast shifts of word k give every field starting in it; only the
-    # last of them can spill into word k + 1.
-    starting = np.flatnonzero(word == k)
-    part = grouped[..., k:k + 1] >> offset[starting]
-    last = starting[-1]
-    if spills[last]:
-      high = (grouped[..., k + 1] << (32 - offset[last]))[..., None]
-      part = jnp.concatenate([part[..., :-1], part[..., -1:] | high], axis=-1)
-    parts.append(part)
-  fields = jnp.concatenate(parts, axis=-1) & _mask(width)
+  # Static gathers of each field's word and the one after it.
+  low = jnp.take(here, word, axis=-1) >> offset
+  high = jnp.take(after, word, axis=-1) << np.where(
+      spills, 32 - offset, 0).astype(np.uint32)
+  fields = (low | jnp.where(spills, high, 0)) & _mask(width)
   return fields.reshape(lead + (groups * _GROUP,))[..., :size]
 
 

@@ -66,8 +66,7 @@ class QSGD(quantized.Quantizer):
   def decode(self, codes, scale):
     level = (codes & jnp.uint32(self.levels)).astype(jnp.float32)
     signs = 1.0 - 2.0 * (codes >> self.bits).astype(jnp.float32)
-    step = jnp.asarray(scale, jnp.float32)[..., None] / self.levels
-    return step * level * signs
+    return scale / self.levels * level * signs
 
 
 def qsgd(bits: int = 4) -> QSGD:

@@ -42,7 +42,7 @@ class Quantizer(compressors.Compressor):
 
   @abc.abstractmethod
   def decode(self, codes: jax.Array, scale: jax.Array) -> jax.Array:
-    """The float32 values codes ``[..., size]`` with scales ``[...]`` mean."""
+    """The float32 values that ``[size]`` codes with ``scale`` stand for."""
 
   def budget(self, size):
     return size  # every entry is sent, at `width` bits
@@ -64,19 +64,22 @@ class Quantizer(compressors.Compressor):
         overflow=jnp.zeros([], jnp.int32),
         aux=jnp.asarray(scale, jnp.float32), size=size, layout=self.layout)
 
-  def dense(self, sent: payload_lib.Payload) -> jax.Array:
-    """The float32 ``[size]`` vector one payload stands for."""
-    return self.decode(bits.unpack_fields(sent.values, sent.size, self.width),
-                       sent.aux)
+  def dense_of(self, words: jax.Array, scale: jax.Array, size: int
+               ) -> jax.Array:
+    """The float32 ``[size]`` vector packed ``words`` and ``scale`` stand for."""
+    return self.decode(bits.unpack_fields(words, size, self.width), scale)
 
   def aggregate(self, sent, workers):
     words = workers.all_gather(sent.values)  # [workers, words]
     scales = workers.all_gather(sent.aux)  # [workers]
-    codes = bits.unpack_fields(words, sent.size, self.width)
-    # Summed in worker order from the same gathered arrays on every worker:
-    # the same bits everywhere, under every mapping.
-    mean = jnp.sum(self.decode(codes, scales), axis=0) / workers.size
-    return compressors.Received(mean, workers.size)
+    # One decoded vector added at a time, in worker order: XLA fuses the
+    # chain into one pass (a sum over a decoded [workers, size] array was
+    # 15-60x slower on XLA:CPU), and every worker adds the same gathered
+    # values in the same order, so the mean has the same bits everywhere.
+    total = self.dense_of(words[0], scales[0], sent.size)
+    for i in range(1, workers.size):
+      total = total + self.dense_of(words[i], scales[i], sent.size)
+    return compressors.Received(total / workers.size, workers.size)
 
   def add_sent(self, x, sent, sign):
-    return x + sign * self.dense(sent)
+    return x + sign * self.dense_of(sent.values, sent.aux, sent.size)

@@ -59,8 +59,7 @@ class Sign(quantized.Quantizer):
     return (x < 0).astype(jnp.uint32), scale  # bit 1: negative; 0 -> +1
 
   def decode(self, codes, scale):
-    signs = 1.0 - 2.0 * codes.astype(jnp.float32)
-    return jnp.asarray(scale, jnp.float32)[..., None] * signs
+    return scale * (1.0 - 2.0 * codes.astype(jnp.float32))
 
 
 def sign(*, scale: str = "l1") -> Sign:
