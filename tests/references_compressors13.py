@@ -27,6 +27,15 @@ def select_cast(a, step, worker, dtype=ml_dtypes.bfloat16):
   return np.asarray(a, np.float32).astype(dtype).astype(np.float64)
 
 
+def select_top_k_low_precision(a, step, worker, k,
+                               dtype=ml_dtypes.bfloat16):
+  """Top-k (ties to the lower index) with the kept values rounded."""
+  indices = np.argsort(-np.abs(a), kind="stable")[:k]
+  sent = np.zeros_like(a)
+  sent[indices] = select_cast(a[indices], step, worker, dtype)
+  return sent
+
+
 def ef_run_dense(grads, select, feedback="ef", dtype=np.float64):
   """Error feedback over workers with a dense ``select(a, step, worker)``.
 

@@ -1,13 +1,12 @@
 """Compressors that send every entry as a few bits plus one float32 scale.
 
 A `Quantizer` encodes one worker's flat vector as a fixed-width unsigned
-field per entry (`bits.pack_fields`) and one float32 scale; the payload is
-the packed uint32 words (``values``) and the scale (``aux``). Every worker
-all-gathers the words and scales of all workers and decodes and averages
-them locally, so one collective carries
-``4 * ceil(size * width / 32) + 4`` bytes per worker and no index. Sign
-compression and QSGD are the two subclasses (`sign`, `qsgd`); they only say
-how to encode and decode.
+field per entry (`bits.pack_fields`) and one float32 scale; its payload is
+one uint32 buffer, the packed words followed by the scale's bits, so one
+all-gather of ``4 * ceil(size * width / 32) + 4`` bytes per worker carries
+it, with no index. Every worker decodes and averages all the workers'
+vectors locally. Sign compression and QSGD are the two subclasses (`sign`,
+`qsgd`); they only say how to encode and decode.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from gsparse_jax._src import compressors
 from gsparse_jax._src import payload as payload_lib
 from gsparse_jax._src import wire
 
-SCALE_BYTES = 4  # the scale travels as float32
+SCALE_BYTES = 4  # the scale travels as float32, in the last uint32 slot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,38 +47,41 @@ class Quantizer(compressors.Compressor):
     return size  # every entry is sent, at `width` bits
 
   def capacity(self, size):
-    return wire.packed_words(size * self.width)
+    return wire.packed_words(size * self.width) + 1  # + the scale
 
   def wire(self, size, value_dtype):
     del value_dtype  # codes and a float32 scale, whatever the gradient dtype
-    return (wire.all_gather(4 * self.capacity(size) + SCALE_BYTES),)
+    return (wire.all_gather(4 * self.capacity(size)),)
 
   def select(self, x, state, context):
     del state
     codes, scale = self.encode(x, context)
+    scale_bits = jax.lax.bitcast_convert_type(
+        jnp.asarray(scale, jnp.float32), jnp.uint32)
     size = x.shape[0]
     return payload_lib.Payload(
-        values=bits.pack_fields(codes, self.width), indices=None,
-        count=jnp.asarray(size, jnp.int32),
-        overflow=jnp.zeros([], jnp.int32),
-        aux=jnp.asarray(scale, jnp.float32), size=size, layout=self.layout)
+        values=jnp.concatenate([bits.pack_fields(codes, self.width),
+                                scale_bits[None]]),
+        indices=None, count=jnp.asarray(size, jnp.int32),
+        overflow=jnp.zeros([], jnp.int32), aux=(), size=size,
+        layout=self.layout)
 
-  def dense_of(self, words: jax.Array, scale: jax.Array, size: int
-               ) -> jax.Array:
-    """The float32 ``[size]`` vector packed ``words`` and ``scale`` stand for."""
-    return self.decode(bits.unpack_fields(words, size, self.width), scale)
+  def dense_of(self, values: jax.Array, size: int) -> jax.Array:
+    """The float32 ``[size]`` vector a payload's ``values`` stand for."""
+    scale = jax.lax.bitcast_convert_type(values[-1], jnp.float32)
+    return self.decode(bits.unpack_fields(values[:-1], size, self.width),
+                       scale)
 
   def aggregate(self, sent, workers):
-    words = workers.all_gather(sent.values)  # [workers, words]
-    scales = workers.all_gather(sent.aux)  # [workers]
+    gathered = workers.all_gather(sent.values)  # [workers, capacity]
     # One decoded vector added at a time, in worker order: XLA fuses the
     # chain into one pass (a sum over a decoded [workers, size] array was
     # 15-60x slower on XLA:CPU), and every worker adds the same gathered
     # values in the same order, so the mean has the same bits everywhere.
-    total = self.dense_of(words[0], scales[0], sent.size)
+    total = self.dense_of(gathered[0], sent.size)
     for i in range(1, workers.size):
-      total = total + self.dense_of(words[i], scales[i], sent.size)
+      total = total + self.dense_of(gathered[i], sent.size)
     return compressors.Received(total / workers.size, workers.size)
 
   def add_sent(self, x, sent, sign):
-    return x + sign * self.dense_of(sent.values, sent.aux, sent.size)
+    return x + sign * self.dense_of(sent.values, sent.size)
