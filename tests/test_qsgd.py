@@ -16,9 +16,9 @@ def _decoded(compressor, x, key, axis_name=None):
   return compressor.add_sent(jnp.zeros_like(x), payload, 1.0), payload
 
 
-@pytest.mark.parametrize("bits", [1, 4])
-def test_unbiased_within_four_standard_errors(bits):
-  c = gs.qsgd(bits)
+@pytest.mark.parametrize("bits,bucket_size", [(1, None), (4, 16)])
+def test_unbiased_within_four_standard_errors(bits, bucket_size):
+  c = gs.qsgd(bits, bucket_size=bucket_size)
   x = jnp.asarray(np.random.default_rng(bits).normal(size=64), jnp.float32)
   keys = jax.random.split(jax.random.key(11), KEYS)
   draws = np.asarray(jax.jit(jax.vmap(lambda k: _decoded(c, x, k)[0]))(keys),
@@ -29,18 +29,20 @@ def test_unbiased_within_four_standard_errors(bits):
   assert np.all(np.abs(mean - a) <= 4 * std / np.sqrt(KEYS))
 
 
-def test_levels_are_the_two_nearest_of_the_norm_grid():
-  c = gs.qsgd(bits=3)  # s = 7 levels
-  x = jnp.asarray(np.random.default_rng(0).normal(size=300), jnp.float32)
+def test_levels_are_the_two_nearest_of_each_buckets_norm_grid():
+  c = gs.qsgd(bits=3, bucket_size=100)  # s = 7 levels; buckets of 100
+  x = jnp.asarray(np.random.default_rng(0).normal(size=250), jnp.float32)
   keys = jax.random.split(jax.random.key(0), 20)
   draws = np.asarray(jax.vmap(lambda k: _decoded(c, x, k)[0])(keys))
-  norm = np.linalg.norm(np.asarray(x, np.float64))
-  scaled = np.abs(np.asarray(x, np.float64)) / norm * 7
+  a = np.asarray(x, np.float64)
+  norm = np.concatenate([np.full(len(b), np.linalg.norm(b))
+                         for b in np.split(a, [100, 200])])
+  scaled = np.abs(a) / norm * 7
   levels = np.abs(draws) / norm * 7
   np.testing.assert_allclose(levels, np.round(levels), atol=1e-4)
   levels = np.round(levels)
   assert np.all((levels == np.floor(scaled)) | (levels == np.ceil(scaled)))
-  assert np.all(np.sign(draws)[levels > 0] == np.sign(x)[None].repeat(
+  assert np.all(np.sign(draws)[levels > 0] == np.sign(a)[None].repeat(
       20, 0)[levels > 0])
 
 
@@ -79,9 +81,16 @@ def test_vmap_and_shard_map_are_bit_identical_and_bytes_exact(mesh):
   assert stats["sent_bytes"] == 3 * (6 * 4 + 4)
   assert stats["sent_bytes"] == 3 * sum(
       c.bytes for c in gs.qsgd().wire(37, jnp.float32))
+  # Buckets of 10: 6 words and 4 norms.
+  assert gs.qsgd(bucket_size=10).wire(37, jnp.float32)[0].bytes == 40
 
 
 @pytest.mark.parametrize("bits", [0, 17, 2.0, True])
 def test_bad_bits_raise(bits):
   with pytest.raises(ValueError, match="bits"):
     gs.qsgd(bits)
+
+
+def test_bad_bucket_size_raises():
+  with pytest.raises(ValueError, match="bucket_size"):
+    gs.qsgd(bucket_size=0)

@@ -100,7 +100,7 @@ _ENTRIES = (
                     "ignored"),
     CompressorEntry("qsgd", qsgd.qsgd,
                     lambda ratio, sample: qsgd.qsgd(),
-                    "QSGD 4 bits, unbiased stochastic levels; ratio ignored"),
+                    "QSGD 4 bits, buckets of 512, unbiased; ratio ignored"),
     CompressorEntry("cast", cast.cast,
                     lambda ratio, sample: cast.cast(),
                     "dense all-reduce in bfloat16; ratio ignored"),

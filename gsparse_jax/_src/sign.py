@@ -50,16 +50,17 @@ class Sign(quantized.Quantizer):
   def width(self):
     return 1
 
-  def encode(self, x, context):
+  def encode(self, blocks, context):
     del context
+    x = blocks[0]  # one block: the whole vector
     if self.scale == "l1":
       scale = jnp.mean(jnp.abs(x))
     else:
       scale = jnp.sqrt(jnp.sum(jnp.square(x))) / math.sqrt(x.shape[0])
-    return (x < 0).astype(jnp.uint32), scale  # bit 1: negative; 0 -> +1
+    return (blocks < 0).astype(jnp.uint32), scale[None]  # 1: negative; 0: +1
 
-  def decode(self, codes, scale):
-    return scale * (1.0 - 2.0 * codes.astype(jnp.float32))
+  def decode(self, codes, scales):
+    return scales[:, None] * (1.0 - 2.0 * codes.astype(jnp.float32))
 
 
 def sign(*, scale: str = "l1") -> Sign:
