@@ -92,12 +92,17 @@ def sum_everywhere(x: jax.Array, axis_names: AxisNames) -> jax.Array:
   The result is the same on every device of the mesh, whatever the axes
   the summands came from (a check every device must agree on).
   """
-  # Under shard_map a value typed invariant over an axis is already the same
-  # along it (and psum refuses a mix of varying and invariant axes); under
-  # vmap/pmap nothing is typed, so the named axes are summed.
-  names = {a for a in _names(axis_names) if not _is_manual_axis(a)}
-  names |= varying_axes(x)
-  return jax.lax.psum(x, tuple(sorted(names))) if names else x
+  # One psum over the axes x is typed varying over (shard_map refuses a mix
+  # of varying and invariant axes in one psum), then one per other named
+  # axis: under pmap (or check_vma=False) nothing is typed varying, and an
+  # invariant value is merely scaled, which a test for > 0 does not mind.
+  varying = varying_axes(x)
+  if varying:
+    x = jax.lax.psum(x, tuple(sorted(varying)))
+  for name in _names(axis_names):
+    if name not in varying:
+      x = jax.lax.psum(x, name)
+  return x
 
 
 def all_gather_replicated(x: jax.Array, axis_name: str) -> jax.Array:
