@@ -16,6 +16,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] /
                        "examples"))
 
 jax.config.update("jax_num_cpu_devices", 8)
+# The whole suite runs with strict dtype promotion: gsparse_jax must never
+# rely on implicit promotion (e.g. int + float, bf16 + f32).
+jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 NUM_DEVICES = 8
 

@@ -15,7 +15,15 @@ import jax
 
 def num_workers(axis_name: Optional[str]) -> int:
   """Size of the workers' axis (1 without one)."""
-  return 1 if axis_name is None else jax.lax.axis_size(axis_name)
+  if axis_name is None:
+    return 1
+  try:
+    return jax.lax.axis_size(axis_name)
+  except NameError:
+    raise ValueError(
+        f"`axis_name` {axis_name!r} is not a mapped axis here: call inside "
+        "jax.vmap(..., axis_name=...), jax.pmap or jax.shard_map over that "
+        "axis, or pass axis_name=None for one worker.") from None
 
 
 def is_varying(x: jax.Array, axis_name: str) -> bool:

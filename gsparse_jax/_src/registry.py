@@ -105,6 +105,6 @@ def compressor_from_ratio(name: str, ratio: float, sample: Optional[Any] = None
   Returns:
     A `Compressor`.
   """
-  validation.choice(name, "compressor", compressor_names())
+  validation.choice(name, "name", compressor_names())
   validation.ratio(ratio)
   return REGISTRY[name].from_ratio(ratio, sample)
