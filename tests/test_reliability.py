@@ -29,21 +29,18 @@ def _tx():
 
 
 @pytest.mark.parametrize("jit", [False, True])
-def test_list_where_a_dict_was_is_a_clear_error(jit):
+@pytest.mark.parametrize("params, updates, match", [
+    ({"a": jnp.zeros(3), "b": jnp.zeros(3)}, [jnp.ones(3), jnp.ones(3)],
+     "structure of `updates` differs"),  # a list where a dict was
+    ({"kernel": jnp.zeros(4), "bias": jnp.zeros(2)},
+     {"weight": jnp.ones(4), "bias": jnp.ones(2)}, "'weight'"),  # renamed
+])
+def test_structure_mismatch_is_a_clear_error(params, updates, match, jit):
   tx = _tx()
-  state = tx.init({"a": jnp.zeros(3), "b": jnp.zeros(3)})
+  state = tx.init(params)
   update = jax.jit(tx.update) if jit else tx.update
-  with pytest.raises(ValueError, match="structure of `updates` differs"):
-    update([jnp.ones(3), jnp.ones(3)], state)
-
-
-@pytest.mark.parametrize("jit", [False, True])
-def test_renamed_key_with_equal_sizes_is_a_clear_error(jit):
-  tx = _tx()
-  state = tx.init({"kernel": jnp.zeros(4), "bias": jnp.zeros(2)})
-  update = jax.jit(tx.update) if jit else tx.update
-  with pytest.raises(ValueError, match="'weight'"):
-    update({"weight": jnp.ones(4), "bias": jnp.ones(2)}, state)
+  with pytest.raises(ValueError, match=match):
+    update(updates, state)
 
 
 def test_resized_leaf_names_the_leaf():
