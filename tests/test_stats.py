@@ -26,6 +26,7 @@ def _grads():
 
 
 # Hand-computed bytes per worker per step, k = round(0.05 * 300) = 15.
+@pytest.mark.optax_promotion  # int leaves through optax
 @pytest.mark.parametrize("compressor, per_step_bytes, per_step_values", [
     (gs.top_k(0.05), 15 * (4 + 4), 15),  # value + int32 index
     (gs.rand_k(0.05, shared=True), 15 * 4, 15),  # shared indices: values only

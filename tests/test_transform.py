@@ -218,6 +218,7 @@ def _make_chain(kind):
           learning_rate=0.1)
 
 
+@pytest.mark.optax_promotion  # int leaves through optax
 @pytest.mark.parametrize("kind", ["chain", "named_chain", "inject_hyperparams"])
 def test_chained_traced_once_and_stats_found(kind):
   tx = _make_chain(kind)
@@ -243,6 +244,7 @@ def test_chained_traced_once_and_stats_found(kind):
   chex.clear_trace_counter()
 
 
+@pytest.mark.optax_promotion  # int leaves through optax
 def test_init_accepts_abstract_params_and_state_types_are_stable():
   tx = optax.chain(gs.sparsify(gs.top_k(0.1)), optax.adam(1e-3))
   params = {"w": jnp.zeros((30, 3)), "b": jnp.zeros((3,), jnp.bfloat16)}
@@ -324,6 +326,7 @@ def test_single_worker_sgd_with_dense_equals_plain_sgd():
   chex.assert_trees_all_close(p1, p2)
 
 
+@pytest.mark.optax_promotion  # int leaves through optax
 def test_state_from_eager_init_can_be_donated():
   """No two state leaves share a buffer, so a step may donate the state."""
   tx = optax.chain(gs.sparsify(gs.top_k(0.5), feedback="ef21m"),

@@ -20,6 +20,7 @@ import jax
 AxisNames = Union[None, str, Iterable[str]]
 
 
+
 def _names(axis_names: AxisNames) -> tuple[str, ...]:
   if axis_names is None:
     return ()
@@ -32,7 +33,13 @@ def num_workers(axis_name: AxisNames) -> int:
   """Number of devices along ``axis_name`` (a name, several, or None: 1)."""
   size = 1
   for name in _names(axis_name):
-    size *= jax.lax.axis_size(name)
+    try:
+      size *= jax.lax.axis_size(name)
+    except NameError:
+      raise ValueError(
+          f"axis {name!r} is not a mapped axis here: call inside "
+          "jax.vmap(..., axis_name=...), jax.pmap or jax.shard_map over that "
+          "axis, or pass axis_name=None for one worker.") from None
   return size
 
 

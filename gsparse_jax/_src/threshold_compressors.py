@@ -217,7 +217,7 @@ def calibrate_threshold(grads: Any, target_density: float) -> float:
   target_density = validation.ratio(target_density, "target_density")
   magnitudes = [np.abs(np.asarray(leaf, np.float64)).reshape(-1)
                 for leaf in jax.tree.leaves(grads)
-                if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating)]
+                if jnp.issubdtype(np.asarray(leaf).dtype, jnp.floating)]
   magnitudes = (np.concatenate(magnitudes) if magnitudes
                 else np.zeros((0,)))
   if magnitudes.size == 0:

@@ -159,12 +159,19 @@ def plan(leaves, granularity: str, compressor: compressors.Compressor,
   return [
       Segment(tuple(group),
               sum(_leaf_size(leaves[i]) for i in group),
-              jnp.result_type(*(leaves[i].dtype for i in group)),
+              _common_dtype([leaves[i].dtype for i in group]),
               compressor.for_shape(tuple(leaves[group[0]].shape))
               if granularity == "layer" else compressor,
               keys[group[0]])
       for group in group_leaves(ids, keys, granularity)
   ]
+
+
+def _common_dtype(dtypes) -> Any:
+  """The dtype values of mixed-dtype leaves travel in (standard promotion:
+  bfloat16 with float32 gives float32), whatever promotion mode is set."""
+  with jax.numpy_dtype_promotion("standard"):
+    return jnp.result_type(*dtypes)
 
 
 def segment_key(count: jax.Array, segment_index: int) -> jax.Array:
@@ -248,8 +255,8 @@ def sparsify(compressor: compressors.Compressor, *, feedback: str = "ef",
   workers = workers_lib.Workers(axis_name)
 
   def init_fn(params):
+    _check_leaves(params, "params")
     leaves = jax.tree.leaves(params)
-    _check_leaves(params)
     # Inside shard_map the parameters' types say how they are sharded.
     segments = plan(leaves, granularity, compressor, axis_name)
     memories = [rule.init(s.size) for s in segments]
@@ -299,13 +306,13 @@ def sparsify(compressor: compressors.Compressor, *, feedback: str = "ef",
 
   def update_fn(updates, state, params=None):
     del params
+    _check_leaves(updates, "updates")
     _check_state(updates, state)
-    _check_leaves(updates)
     leaves, treedef = jax.tree.flatten(updates)
     segments = plan(leaves, granularity, compressor, axis_name)
     _check_segments(state, segments, updates, axis_name)
     # The gradient is the sum over the inner devices: make it their mean.
-    inner_scale = 1.0 / _inner_size(inner_axes)
+    inner_scale = 1.0 / axes.num_workers(inner_axes)
     grads = [jnp.concatenate([leaves[i].reshape(-1).astype(jnp.float32)
                               for i in s.leaf_ids]) for s in segments]
     if inner_scale != 1.0:
@@ -462,16 +469,6 @@ def _check_inner_axes(inner_axes, axis_name) -> tuple[str, ...]:
   return names
 
 
-def _inner_size(inner_axes) -> int:
-  try:
-    return axes.num_workers(inner_axes)
-  except NameError as error:
-    raise ValueError(
-        f"sparsify: inner_axes {inner_axes} are not all mapped axes here "
-        f"({error}); call update inside jax.shard_map over a mesh with "
-        "these axes.") from None
-
-
 def _check_memory_dtype(memory_dtype) -> Any:
   try:
     dtype = jnp.dtype(memory_dtype)
@@ -487,31 +484,31 @@ def _path_name(path) -> str:
   return jax.tree_util.keystr(path) or "<root>"
 
 
-def _check_leaves(tree) -> None:
-  """Every leaf is an array-like of a real dtype (complex is refused)."""
+def _check_leaves(tree, name: str) -> None:
+  """Every leaf of ``tree`` (the argument ``name``) is a real array."""
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     dtype = getattr(leaf, "dtype", None)
     if dtype is None or not hasattr(leaf, "shape"):
       raise TypeError(
-          f"sparsify: leaf {_path_name(path)} is a {type(leaf).__name__}, "
-          "not an array; pass a pytree of arrays.")
+          f"sparsify: `{name}` leaf {_path_name(path)} is a "
+          f"{type(leaf).__name__}, not an array; pass a pytree of arrays.")
     if jnp.issubdtype(dtype, jnp.complexfloating):
       raise ValueError(
-          f"sparsify: leaf {_path_name(path)} has complex dtype {dtype}; "
-          "only real float leaves are compressed (split complex gradients "
-          "into real and imaginary parts).")
+          f"sparsify: `{name}` leaf {_path_name(path)} has complex dtype "
+          f"{dtype}; only real float leaves are compressed (split complex "
+          "gradients into real and imaginary parts).")
 
 
 def _check_state(updates, state) -> None:
   """The state is a `SparsifyState` made for a pytree of this structure."""
   if not isinstance(state, SparsifyState):
-    raise ValueError("sparsify's update got a state that is not a "
+    raise ValueError("sparsify's update got a `state` that is not a "
                      f"SparsifyState: {type(state).__name__}.")
   expected = jax.tree.structure(state.structure)
   got = jax.tree.structure(updates)
   if expected != got:
     raise ValueError(
-        "sparsify: the gradient pytree's structure differs from the one the "
+        "sparsify: the structure of `updates` differs from the one the "
         f"state was initialized with: expected {expected}, got {got}. Call "
         "init with parameters of the same structure as the gradients.")
   sizes = jax.tree.leaves(state.structure)
@@ -520,7 +517,7 @@ def _check_state(updates, state) -> None:
     if not isinstance(size, jax.core.Tracer) and _leaf_size(leaf) != int(
         np.asarray(size)):
       raise ValueError(
-          f"sparsify: leaf {_path_name(path)} has {_leaf_size(leaf)} "
+          f"sparsify: `updates` leaf {_path_name(path)} has {_leaf_size(leaf)} "
           f"entries (shape {tuple(leaf.shape)}); the state was initialized "
           f"for {int(np.asarray(size))}.")
 

@@ -19,6 +19,8 @@ import math
 import numbers
 from typing import Any, Optional
 
+import numpy as np
+
 
 def _is_real(value: Any) -> bool:
   return isinstance(value, numbers.Real) and not isinstance(value, bool)
@@ -93,3 +95,10 @@ def choice(value: Any, name: str, allowed: tuple) -> Any:
         f"`{name}` must be one of {', '.join(map(repr, allowed))}; "
         f"got {value!r}.")
   return value
+
+
+def boolean(value: Any, name: str) -> bool:
+  """True or False (a NumPy bool too)."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"`{name}` must be True or False, got {value!r}.")
+  return bool(value)
