@@ -42,30 +42,44 @@ def classifier_loss(params, model, x, y):
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-def sharded_training(model, params, tx, mesh, axis: str):
+def sharded_training(model, params, tx, mesh, axis: str,
+                     inner_axes: tuple = ()):
   """The data-parallel `shard_map` training step of the README, for a model.
+
+  Args:
+    model: a Flax module; ``params`` its (replicated) parameters.
+    tx: the optimizer, with ``gs.sparsify(..., axis_name=axis,
+      inner_axes=inner_axes)`` inside.
+    mesh: the device mesh.
+    axis: the compressed axis (the workers').
+    inner_axes: two-level data parallelism: the axes inside a worker the
+      batch is split over too (the gradient is reduced densely over them).
 
   Returns:
     ``(opt_state, step)``: the state initialized over the mesh (per-worker
     error memory sharded over ``axis``), and the jitted
     ``step(params, opt_state, x, y) -> (params, opt_state, mean loss)``
-    taking batches sharded over ``axis`` (params and state are donated).
+    taking batches sharded over ``(axis, *inner_axes)`` (params and state
+    are donated).
   """
   specs = gs.state_partition_specs(jax.eval_shape(tx.init, params), axis)
   opt_state = jax.jit(jax.shard_map(tx.init, mesh=mesh, in_specs=P(),
                                     out_specs=specs))(params)
+  data_axes = (axis, *inner_axes)
+  batch = P(data_axes)
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   @functools.partial(jax.shard_map, mesh=mesh,
-                     in_specs=(P(), specs, P(axis), P(axis)),
+                     in_specs=(P(), specs, batch, batch),
                      out_specs=(P(), specs, P()))
   def step(params, opt_state, x, y):
-    # The local gradient: plain jax.grad here would all-reduce it densely.
+    # The local gradient: plain jax.grad here would all-reduce it densely
+    # (over every data axis; two-level wants that inside the slice only).
     loss, grads = gs.local_value_and_grad(classifier_loss, axis)(
         params, model, x, y)
     updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state,
-            jax.lax.pmean(loss, axis))
+            jax.lax.pmean(loss, data_axes))
 
   return opt_state, step
 
