@@ -1,4 +1,4 @@
-"""Two-level data parallelism: dense inside each slice, compressed across slices.
+"""Two-level data parallelism: dense inside slices, compressed across them.
 
 Clusters are slices of devices on fast links (NVLink, TPU ICI) joined by a
 slow network: the slow links are where compression pays. The same Flax MLP

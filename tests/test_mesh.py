@@ -1,4 +1,4 @@
-"""Meshes with several axes: tensor-parallel shards and two-level data parallelism.
+"""Meshes with several axes: tensor-parallel shards, two-level data parallel.
 
 Three meshes over the 8 CPU devices, each trained a few steps with Top-k + EF
 and momentum SGD, against a NumPy loop over workers and shards:
@@ -204,7 +204,8 @@ def test_training_matches_numpy_reference(name, granularity):
   assert _describe(opt_state) == initial_types
   stats = gs.comm_stats(opt_state)
   assert stats["workers"] == workers and stats["steps"] == STEPS
-  # Two-level: the dense gradient of one device crossed the slice each step.
+  # Two-level: each device's dense gradient was all-reduced inside its
+  # slice every step (by JAX, before sparsify).
   local_size = (FEATURES * HIDDEN + HIDDEN * OUTPUTS) // shards + OUTPUTS
   assert stats["dense_values"] == STEPS * local_size
   assert stats["inner_dense_bytes"] == (
@@ -270,8 +271,9 @@ def test_compiled_step_gathers_only_across_the_compressed_axis(name):
   config = MESHES[name]
   mesh, params, opt_state, step, put_batch = _setup(config, "layer")
   axis, shards = config["axis"], mesh.shape.get(config["model"], 1)
-  x, y = (put_batch(b[0]) for b in _batches(
-      mesh.shape[axis] * int(np.prod([mesh.shape[a] for a in config["inner"]]))))
+  devices = mesh.shape[axis] * int(np.prod(
+      [mesh.shape[a] for a in config["inner"]]))
+  x, y = (put_batch(b[0]) for b in _batches(devices))
   found = _collectives(step.lower(params, opt_state, x, y).compile().as_text())
   smallest_gradient = OUTPUTS  # the bias; weight shards are larger
   gathers = [groups for op, _, groups in found if op == "all-gather"]
@@ -282,11 +284,9 @@ def test_compiled_step_gathers_only_across_the_compressed_axis(name):
               if op == "all-reduce" and _crosses(mesh, axis, groups)]
   assert all(size < smallest_gradient for size in crossing), found
   if config["inner"]:  # the dense reduction inside each slice is there
-    dense = (FEATURES * HIDDEN + HIDDEN * OUTPUTS) // shards
-    inside = [size for op, size, groups in found if op == "all-reduce"
-              and not _crosses(mesh, axis, groups)]
-    assert max(inside) >= HIDDEN * OUTPUTS // shards, found
-    assert sum(inside) >= dense, found
+    inside = sum(size for op, size, groups in found if op == "all-reduce"
+                 and not _crosses(mesh, axis, groups))
+    assert inside >= (FEATURES * HIDDEN + HIDDEN * OUTPUTS) // shards, found
 
 
 # ------------------------------------------------ transformation-level checks
