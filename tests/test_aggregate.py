@@ -92,7 +92,15 @@ def test_to_varying_in_each_context(mesh):
   x = jnp.ones(3)
   assert axes.to_varying(x, AXIS) is x
   assert axes.to_varying(x, None) is x
-  jax.vmap(lambda v: axes.to_varying(v, AXIS), axis_name=AXIS)(jnp.ones((2, 3)))
+
+  def under_vmap(v):
+    cast = axes.to_varying(v, AXIS)
+    assert cast is v  # the identity: vmap types nothing as varying
+    return cast
+
+  batch = jnp.arange(6.0).reshape(2, 3)
+  np.testing.assert_array_equal(
+      jax.vmap(under_vmap, axis_name=AXIS)(batch), batch)
 
   @functools.partial(jax.shard_map, mesh=mesh, in_specs=P(), out_specs=P())
   def inside(w):
@@ -100,6 +108,6 @@ def test_to_varying_in_each_context(mesh):
     assert axes.is_varying(axes.to_varying(w, AXIS), AXIS)
     return w
 
-  jax.jit(inside)(x)
+  np.testing.assert_array_equal(jax.jit(inside)(x), x)
   pmapped = jax.pmap(lambda v: axes.to_varying(v, AXIS), axis_name=AXIS)
   np.testing.assert_array_equal(pmapped(jnp.ones((WORKERS, 3))), 1.0)

@@ -12,6 +12,7 @@ import pytest
 
 import gsparse_jax as gs
 from gsparse_jax._src import threshold_compressors
+import references
 import runners
 
 WORKERS = 8
@@ -314,9 +315,18 @@ def test_approx_top_k_recall():
 
 
 def test_approx_top_k_in_sparsify_with_workers():
-  grads = jnp.asarray(np.random.default_rng(7).normal(size=(2, WORKERS, 64)),
-                      jnp.float32)
+  # approx_max_k is exact off TPU, so with error feedback the run equals the
+  # NumPy Top-k + EF reference: outputs on every worker and final memories.
+  grads = np.random.default_rng(7).normal(size=(3, WORKERS, 64)).astype(
+      np.float32)
   tx = gs.sparsify(gs.approx_top_k(0.125), axis_name=runners.AXIS)
-  outputs, state = runners.run_steps(tx, jnp.zeros(64), grads, "vmap")
-  assert gs.comm_stats(state)["sent_values"] == 2 * 8
-  assert np.isfinite(outputs).all()
+  outputs, state = runners.run_steps(tx, jnp.zeros(64), jnp.asarray(grads),
+                                     "vmap")
+  expected, memory = references.ef_run(grads.astype(np.float64),
+                                       references.top_k_select(8))
+  for worker in range(WORKERS):
+    np.testing.assert_allclose(outputs[:, worker], expected, rtol=1e-5,
+                               atol=1e-6)
+  np.testing.assert_allclose(runners.worker_rows(state.memory[0], WORKERS),
+                             memory, rtol=1e-5, atol=1e-6)
+  assert gs.comm_stats(state)["sent_values"] == 3 * 8

@@ -159,6 +159,24 @@ def test_granularity_matches_reference(granularity):
     assert len(state.memory) == 3
 
 
+def test_layer_wise_rand_k_draws_independently_per_leaf_and_step():
+  """Equal-size leaves and successive steps each get their own draw."""
+  params = {f"layer{i}": jnp.zeros((1000,)) for i in range(4)}
+  tx = gs.sparsify(gs.rand_k(0.01), feedback="none", granularity="layer")
+  grads = jax.tree.map(lambda p: jnp.arange(1.0, 1001.0), params)  # no zeros
+  step = jax.jit(tx.update)
+  state = tx.init(params)
+  chosen = []
+  for _ in range(2):
+    out, state = step(grads, state)
+    chosen += [frozenset(np.flatnonzero(np.asarray(leaf)).tolist())
+               for leaf in jax.tree.leaves(out)]
+  assert [len(c) for c in chosen] == [10] * 8
+  # Independent uniform draws of 10 of 1000 entries: some pair of the 8
+  # sets coincides with probability 28 / C(1000, 10) ~ 1e-21.
+  assert len(set(chosen)) == len(chosen)
+
+
 def test_k_at_least_d_clamps_to_dense():
   tx = gs.sparsify(gs.top_k(k=1000))
   grads = {"w": jnp.arange(12.0).reshape(3, 4)}
