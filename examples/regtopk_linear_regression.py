@@ -1,6 +1,8 @@
 """RegTop-k vs Top-k on heterogeneous distributed linear regression.
 
-SPEC §5 (Bereyhi et al. 2025, reference `LinearRegression.py`): 20 workers,
+From "Regularized Top-k: A Bayesian Framework for Gradient Sparsification"
+(Bereyhi et al., arXiv 2501.05633; reference code `LinearRegression.py`;
+the rule: docs/algorithms.md, RegTop-k): 20 workers,
 ``d = 100``, 500 samples each, drawn around a different ground truth per
 worker (``x_i = m_i 1 + N(0, I)``, ``m_i ~ N(0, 5)``), so the workers'
 gradients disagree even at the optimum ``x*`` (the least-squares solution

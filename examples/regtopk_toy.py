@@ -1,6 +1,7 @@
 """RegTop-k's motivating example: two workers whose big entries cancel.
 
-SPEC §5 (Bereyhi et al. 2025, reference `Toy_Example.py`): logistic
+From "Regularized Top-k: A Bayesian Framework for Gradient Sparsification"
+(Bereyhi et al., arXiv 2501.05633; reference code `Toy_Example.py`): logistic
 regression with two weights and two workers holding one sample each,
 ``x_1 = (100, 1)`` and ``x_2 = (-100, 1)``, both labelled 1, from
 ``w = (0, 1)``. Each worker may send ``k = 1`` entry per step (with error

@@ -9,7 +9,7 @@ def top_k_indices(a, k):
 
 
 def ef_run(grads, select, feedback="ef"):
-  """Error feedback (SPEC §1) over workers, in float64.
+  """Error feedback (EF14, docs/algorithms.md) over workers, in float64.
 
   Args:
     grads: ``[steps, workers, d]``.

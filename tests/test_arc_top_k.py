@@ -1,4 +1,4 @@
-"""Tests of ARC-Top-K (SPEC §6): shared row choice, NumPy reference, wire."""
+"""ARC-Top-K (docs/algorithms.md): shared row choice, NumPy reference, wire."""
 
 import functools
 import re

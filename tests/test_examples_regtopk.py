@@ -16,7 +16,7 @@ import regtopk_toy  # noqa: E402
 
 
 def toy_reference(method, steps=150, lr=0.9, mu=1.0):
-  """SPEC §5's two-worker logistic regression in float64 NumPy.
+  """RegTop-k's two-worker logistic regression in float64 NumPy.
 
   Returns the mean loss before each step and after the last, ``[steps+1]``.
   """
@@ -70,7 +70,8 @@ def test_toy_writes_json_and_plot(toy):
 def test_toy_top_k_stalls_and_reg_top_k_tracks_dense(toy):
   _, results = toy
   loss = {name: np.asarray(r["loss"]) for name, r in results.items()}
-  # SPEC's hand figures: the initial loss log(1 + e^-1) = 0.313 ...
+  # Hand figures (docs/algorithms.md, RegTop-k): the initial loss
+  # log(1 + e^-1) = 0.313 ...
   np.testing.assert_allclose(loss["top_k"][0], np.log1p(np.exp(-1)),
                              rtol=1e-6)
   # ... where Top-k sits until the bias error outgrows the cancelling

@@ -18,7 +18,7 @@ RATIO = 0.25
 
 
 def reg_top_k_reference(grads, k, mu):
-  """RegTop-k with error feedback (SPEC §5), float64, every worker in a loop.
+  """RegTop-k + EF (docs/algorithms.md), float64, every worker in a loop.
 
   Args:
     grads: ``[steps, workers, d]``.

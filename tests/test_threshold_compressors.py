@@ -198,7 +198,7 @@ def test_validation_names_the_argument(call, name):
 
 
 def gaussian_threshold_reference(x, k, refinements=3):
-  """SPEC §4 in float64: (tau, number of refinements used)."""
+  """docs/algorithms.md Gaussian-k, float64: (tau, refinements used)."""
   x = np.asarray(x, np.float64)
   rho = k / x.size
   tau = x.mean() + statistics.NormalDist().inv_cdf(1 - rho / 2) * x.std()
