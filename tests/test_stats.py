@@ -90,8 +90,7 @@ def test_multi_transform_states_add_up():
   assert stats["dense_values"] == 30
 
 
-@pytest.mark.parametrize("context", ["vmap", "shard_map"])
-def test_every_counter_after_a_skipped_step(context, mesh):
+def test_every_counter_after_a_skipped_step():
   """A NaN step moves `steps` and `skipped_steps` only; nothing else counts.
 
   hard_threshold(0) passes every entry, so each applied step fills the
@@ -107,7 +106,7 @@ def test_every_counter_after_a_skipped_step(context, mesh):
            for name, p in params.items()}
   grads["b"][1, 3, 7] = np.nan  # one worker's NaN skips step 1 everywhere
   _, state = runners.run_steps(tx, params, jax.tree.map(jnp.asarray, grads),
-                               context, mesh)
+                               "vmap")
   # Per applied step and worker, by hand: w sends capacity 20 of its 200
   # bfloat16 entries (2-byte value + 4-byte index) and overflows 180; b
   # sends 10 of its 100 float32 entries (4 + 4 bytes) and overflows 90; the
