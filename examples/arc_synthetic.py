@@ -159,10 +159,10 @@ def run_all(*, steps: int = 1000, lr: float = 0.002, ratio: float = 0.05,
   return results
 
 
-def plot(results: dict, path: str, initial: float) -> None:
+def plot(results: dict, path: str, initial: float, dpi: int = 120) -> None:
   feedbacks = sorted({r["feedback"] for r in results.values()},
                      key=FEEDBACKS.index)
-  with common.figure(path, nrows=1, ncols=len(feedbacks),
+  with common.figure(path, dpi=dpi, nrows=1, ncols=len(feedbacks),
                      figsize=(5 * len(feedbacks), 4), sharey=True,
                      squeeze=False) as (fig, axes):
     for ax, feedback in zip(axes[0], feedbacks):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
+import os
 
 import flax.linen as nn
 import jax
@@ -84,8 +86,29 @@ def sharded_training(model, params, tx, mesh, axis: str,
   return opt_state, step
 
 
+def sent_by(compressor):
+  """``a -> what one worker sends for its accumulated vector a`` (dense).
+
+  `gs.sparsify` with no feedback on a single worker returns exactly what the
+  compressor selected; the studies that need each worker's accumulated
+  vector and error write error feedback out around it.
+  """
+  tx = gs.sparsify(compressor, feedback="none")
+  return lambda a: tx.update(a, tx.init(a))[0]
+
+
+def write_outputs(out: str, result, json_name: str, plots: dict) -> None:
+  """Writes ``result`` to ``out/json_name`` and each ``plots[png](path)``."""
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, json_name), "w") as f:
+    json.dump(result, f)
+  for name, draw in plots.items():
+    draw(os.path.join(out, name))
+  print(f"wrote {json_name} and {', '.join(plots)} in {out}")
+
+
 @contextlib.contextmanager
-def figure(path: str, **subplots_kwargs):
+def figure(path: str, dpi: int = 120, **subplots_kwargs):
   """Yields (fig, axes) of `plt.subplots` and saves a PNG to ``path``."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")  # files only: no display on servers and in CI
@@ -95,6 +118,6 @@ def figure(path: str, **subplots_kwargs):
   try:
     yield fig, axes
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=dpi)
   finally:
     plt.close(fig)

@@ -85,13 +85,13 @@ def run(compressor: gs.Compressor, *, steps: int, lr: float) -> np.ndarray:
   return np.asarray(train(jnp.asarray(W0)))
 
 
-def plot(results: dict, path: str) -> None:
+def plot(results: dict, path: str, dpi: int = 120) -> None:
   labels = {"dense": "dense SGD", "top_k": "Top-k + EF",
             "reg_top_k": "RegTop-k + EF"}
   # Dense and RegTop-k nearly coincide: draw dense wide, RegTop-k dashed.
   styles = {"dense": dict(color="0.6", linewidth=4),
             "reg_top_k": dict(linestyle="--")}
-  with common.figure(path, figsize=(6, 4)) as (_, ax):
+  with common.figure(path, dpi=dpi, figsize=(6, 4)) as (_, ax):
     for name, result in results.items():
       ax.plot(result["loss"], label=labels.get(name, name),
               **styles.get(name, {}))
