@@ -349,19 +349,7 @@ def test_nonfinite_in_one_shard_skips_the_step_on_every_device():
   assert stats["steps"] == 2 and stats["skipped_steps"] == 1
 
 
-def _compressor_cases():
-  # gaussian_k compares an int32 count with a Python float, which strict
-  # dtype promotion (the suite's mode) refuses; it fails the same way in
-  # tests/test_contract.py. Remove the mark once threshold_compressors.py
-  # casts the count.
-  known = {"gaussian_k": pytest.mark.xfail(
-      raises=jax.dtypes.TypePromotionError,
-      reason="gaussian_k is not strict-promotion clean")}
-  return [pytest.param(name, marks=known.get(name, ()))
-          for name in gs.compressor_names()]
-
-
-@pytest.mark.parametrize("name", _compressor_cases())
+@pytest.mark.parametrize("name", gs.compressor_names())
 def test_every_compressor_per_shard_as_on_a_one_axis_mesh(name):
   """On (4, 2) each model shard compresses as 4 vmapped workers would."""
   mesh = jax.make_mesh((4, 2), ("data", "model"))

@@ -150,7 +150,9 @@ def gaussian_threshold(x: jax.Array, ratio: float,
   z = statistics.NormalDist().inv_cdf(1.0 - ratio / 2.0)
   # ddof 1 as torch.std; a single entry has no spread (not NaN).
   tau = jnp.mean(x) + z * jnp.std(x, ddof=1 if x.shape[0] > 1 else 0)
-  low, high = 2.0 * k / 3.0, 4.0 * k / 3.0
+  # The band [2k/3, 4k/3] for integer counts, in exact integer arithmetic:
+  # count < 2k/3 iff count < ceil(2k/3); count > 4k/3 iff count > 4k // 3.
+  low, high = -(-2 * k // 3), 4 * k // 3
 
   def count_above(t):
     return selection.count_at_least(x, t, strict=True)
