@@ -558,8 +558,8 @@ rejection) RegTop-k ends below -6 on every seed while Top-k stays above
 -4; partly if at some ratio RegTop-k ends at least 2 decades below Top-k."""
   return Section(
       "reg_top_k", 'Bereyhi, Liang, Boudreau, Afana 2025, "Regularized '
-      'Top-k: a Bayesian framework for gradient sparsification" (code '
-      "AlBerey/RegTopK)",
+      'Top-k: a Bayesian framework for gradient sparsification", arXiv '
+      "2501.05633 (code AlBerey/RegTopK)",
       "In distributed linear regression Top-k stays at a fixed distance from"
       " the optimum while RegTop-k converges to it.",
       verdict, reason, body,
@@ -648,8 +648,9 @@ every seed of the synthetic objective, or within 0.01 of Top-k's mean
 accuracy on digits; "reproduced" would also need the wall-clock reduction,
 which is not measured here."""
   return Section(
-      "arc_top_k", "ARC-Top-K: All-Reduce-Compatible Top-K, 2025 (code "
-      "yiran529/ARC-TopK)",
+      "arc_top_k", "Chen et al. 2025, \"An All-Reduce Compatible Top-K Compressor for "
+      "Communication-Efficient Distributed Learning\" (ARC-Top-K), arXiv "
+      "2510.26709 (code yiran529/ARC-TopK)",
       "ARC-Top-K, the same rows on every worker from a shared sketch, "
       "matches Top-K's accuracy with index-free all-reduce and up to 60.7% "
       "less wall-clock time.",
