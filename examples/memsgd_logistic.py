@@ -91,7 +91,7 @@ def methods(dim: int, ratios, kinds=tuple(COMPRESSORS)) -> dict:
 @functools.lru_cache(maxsize=None)
 def _trainer(compressor, feedback, steps: int, eval_every: int, eta0: float,
              t0: float, reg: float):
-  schedule = lambda t: eta0 / (1.0 + t / t0)
+  schedule = lambda t: eta0 / (1.0 + t.astype(jnp.float32) / t0)
   tx = optax.chain(optax.scale_by_schedule(schedule),
                    gs.sparsify(compressor, feedback=feedback),
                    optax.scale(-1.0))
