@@ -91,10 +91,12 @@ def run(args) -> int:
 
   task = tasks.make_task(args.task)
   os.makedirs(args.out, exist_ok=True)
+  sample = _sample_gradient(task, args.seed)
   runs = []
   with _progress() as progress:
     for name in names:
-      runs.append(_run_one(name, task, settings, args, devices, progress))
+      runs.append(_run_one(name, task, settings, args, devices, sample,
+                           progress))
   config = _config(args, names, settings, runs[0]["num_params"], task)
   results = {"config": config,
              "runs": [{k: v for k, v in r.items() if k != "num_params"}
@@ -234,19 +236,18 @@ def _sample_gradient(task, seed):
   return nnx.grad(task.loss)(model, x, y)
 
 
-def _run_one(name, task, settings, args, devices, progress) -> dict:
+def _run_one(name, task, settings, args, devices, sample, progress) -> dict:
   import gsparse_jax as gs  # pylint: disable=g-import-not-at-top
   from gsparse_jax._src.cli import training  # pylint: disable=g-import-not-at-top
 
-  compressor = gs.compressor_from_ratio(name, args.ratio,
-                                        _sample_gradient(task, args.seed))
+  compressor = gs.compressor_from_ratio(name, args.ratio, sample)
   run = training.Run(task, compressor, settings, devices)
   checkpoints, start, curves, wall_s = None, 0, None, 0.0
   if args.checkpoint_dir is not None:
     checkpoints = training.Checkpoints(
         _run_dir(args, name), args.checkpoint_every,
         dataclasses.asdict(settings))
-    if args.resume and checkpoints.manager.latest_step() is not None:
+    if args.resume and checkpoints.latest_step() is not None:
       run.state, curves, wall_s, start = checkpoints.restore(run.state)
   bar = progress.add_task(name, total=args.steps, completed=start, loss=0.0,
                           sent=0.0)

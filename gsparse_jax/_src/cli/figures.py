@@ -33,6 +33,8 @@ def write_figures(out: str, runs: list[dict], metric: str, title: str
   plt = _pyplot()
   key = f"eval_{metric}"
   label = f"held-out {metric}"
+  # Where the curves are not: they rise (accuracy) or fall (loss) to the right.
+  corner = "lower right" if metric == "accuracy" else "upper right"
   paths = []
 
   fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -44,7 +46,7 @@ def write_figures(out: str, runs: list[dict], metric: str, title: str
   left.set(xlabel="step", ylabel="training loss", yscale="log",
            title="training loss (mean over workers)")
   right.set(xlabel="step", ylabel=label, title=f"{label} vs step")
-  right.legend(fontsize=8, loc="lower right")
+  right.legend(fontsize=8, loc=corner)
   fig.suptitle(title, fontsize=10)
   paths.append(_save(fig, plt, os.path.join(out, f"{metric}_vs_step.png")))
 
@@ -55,18 +57,25 @@ def write_figures(out: str, runs: list[dict], metric: str, title: str
             label=run["compressor"])
   ax.set(xscale="log", xlabel="cumulative bytes sent per worker",
          ylabel=label, title=f"{label} vs bytes sent")
-  ax.legend(fontsize=8, loc="lower right" if metric == "accuracy"
-            else "upper right")
+  ax.legend(fontsize=8, loc=corner)
   fig.suptitle(title, fontsize=9)
   paths.append(_save(fig, plt, os.path.join(out, f"{metric}_vs_bytes.png")))
 
   fig, ax = plt.subplots(figsize=(6.5, 4.2))
   names = [run["compressor"] for run in runs]
   sent = [run["bytes_per_step_per_worker"] for run in runs]
-  bars = ax.bar(names, sent, color="tab:blue")
+  # Colored by how the payloads travel: an all-gather's traffic grows with
+  # the workers, an all-reduce's does not.
+  layouts = [str(run.get("cost_layout")) for run in runs]
+  colors = dict(zip(dict.fromkeys(layouts), plt.get_cmap("tab10").colors))
+  bars = ax.bar(names, sent, color=[colors[l] for l in layouts])
   ax.bar_label(bars, labels=[f"{b:,.0f} B" for b in sent], fontsize=8)
+  ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c) for c in
+                     colors.values()],
+            labels=[f"layout: {l}" for l in colors], fontsize=8)
   ax.set(yscale="log", ylabel="bytes per step per worker",
          title="bytes each worker sends per step")
+  ax.set_ylim(top=max(sent) * 4)  # room for the labels and the legend
   ax.tick_params(axis="x", labelrotation=20)
   fig.suptitle(title, fontsize=9)
   paths.append(_save(fig, plt, os.path.join(out, "bytes_per_step.png")))

@@ -289,10 +289,14 @@ class Checkpoints:
 
   def save(self, step: int, state, curves: Curves, wall_s: float) -> None:
     ocp = self._ocp
-    meta = {"step": step, "curves": curves._asdict(), "wall_s": wall_s,
-            "settings": self.settings}
+    # Copies: the run keeps appending to its curves while Orbax writes.
+    meta = {"step": step, "wall_s": wall_s, "settings": dict(self.settings),
+            "curves": {k: list(v) for k, v in curves._asdict().items()}}
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
 
   def restore(self, like_state) -> tuple[Any, Curves, float, int]:
     """(state, curves, wall_s, step) of the latest checkpoint.
