@@ -335,12 +335,12 @@ def _print_table(results: dict, metric: str) -> None:
   first, second = (("test acc", "final_accuracy"), ("test loss", "final_loss"))
   if metric == "loss":
     first, second = second, first
-  for header in ("compressor", "feedback", first[0], second[0],
-                 "bytes/step/worker", "vs dense",
+  for header in ("compressor", "feedback"):
+    table.add_column(header, no_wrap=True)
+  for header in (first[0], second[0], "bytes/step/worker", "vs dense",
                  f"comm/step @{config['bandwidth_gbit']:g} Gbit/s (model)",
                  "wall s"):
-    table.add_column(header, justify="left" if header in (
-        "compressor", "feedback") else "right")
+    table.add_column(header, justify="right")
   for run in results["runs"]:
     projected = run["projected_comm_s"]
     table.add_row(

@@ -16,6 +16,7 @@ same figures, bit for bit, as one that was never stopped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from typing import Any, Callable, NamedTuple, Optional
@@ -120,10 +121,6 @@ class Progress(NamedTuple):
   sent_bytes: float
 
 
-def _per_worker_mask(specs):
-  return jax.tree.map(lambda spec: spec != P(), specs)
-
-
 class Run:
   """A model, its optimizer and the compiled step of one compressor.
 
@@ -159,44 +156,12 @@ class Run:
                                 devices=list(devices)[:settings.workers])
       self.graphdef, self.state, self.specs = gs.nnx_shard(
           (model, optimizer), self.mesh, AXIS)
-    self._step = self._compile_step()
-    self._evaluate = jax.jit(
-        lambda model_state: task.evaluate(nnx.merge(self.model_graphdef,
-                                                    model_state)))
-
-  def _body(self, state, x, y):
-    """One optimizer step of one worker on its local micro-batches."""
-    from flax import nnx  # pylint: disable=g-import-not-at-top
-
-    model, optimizer = nnx.merge(self.graphdef, state)
-    grad_fn = gs.nnx_local_value_and_grad(self.task.loss, AXIS)
-    total = 0.0
-    for micro in range(self.settings.accumulate):
-      loss, grads = grad_fn(model, x[micro], y[micro])
-      optimizer.update(model, grads)  # communicates on the last micro-batch
-      total = total + loss
-    loss = jax.lax.pmean(total / self.settings.accumulate, AXIS)
-    return nnx.state((model, optimizer)), loss
-
-  def _compile_step(self):
-    if not self.settings.simulate:
-      return jax.jit(jax.shard_map(
-          lambda state, x, y: self._body(state, x[0], y[0]), mesh=self.mesh,
-          in_specs=(self.specs, P(AXIS), P(AXIS)),
-          out_specs=(self.specs, P())))
-    mask = _per_worker_mask(self.specs)
-    axes = jax.tree.map(lambda per_worker: 0 if per_worker else None, mask)
-
-    def body(state, x, y):
-      # vmap drops the worker axis; sparsify keeps a local one of size 1.
-      state = jax.tree.map(lambda leaf, m: leaf[None] if m else leaf, state,
-                           mask)
-      state, loss = self._body(state, x, y)
-      return jax.tree.map(lambda leaf, m: leaf[0] if m else leaf, state,
-                          mask), loss
-
-    return jax.jit(jax.vmap(body, in_axes=(axes, 0, 0),
-                            out_axes=(axes, None), axis_name=AXIS))
+    key = (task.name, compressor, settings,
+           None if self.mesh is None else tuple(self.mesh.devices.flat))
+    if key not in _COMPILED:
+      _COMPILED[key] = _compile(self.graphdef, self.model_graphdef,
+                                self.specs, task, settings, self.mesh)
+    self._step, self._evaluate = _COMPILED[key]
 
   def batch(self, step: int):
     """Global inputs and targets of optimizer step ``step`` (0-based)."""
@@ -261,6 +226,53 @@ class Run:
       checkpoints.close()
     return Outcome(final_loss, final_accuracy, stats, curves, wall_s,
                    self.num_params)
+
+
+# Jitted (step, evaluate) per (task, compressor, settings, devices): runs of
+# one configuration in one process (tests, notebooks) compile once.
+_COMPILED: dict = {}
+
+
+def _body(graphdef, task, settings, state, x, y):
+  """One optimizer step of one worker on its local micro-batches."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  model, optimizer = nnx.merge(graphdef, state)
+  grad_fn = gs.nnx_local_value_and_grad(task.loss, AXIS)
+  total = 0.0
+  for micro in range(settings.accumulate):
+    loss, grads = grad_fn(model, x[micro], y[micro])
+    optimizer.update(model, grads)  # communicates on the last micro-batch
+    total = total + loss
+  loss = jax.lax.pmean(total / settings.accumulate, AXIS)
+  return nnx.state((model, optimizer)), loss
+
+
+def _compile(graphdef, model_graphdef, specs, task, settings, mesh):
+  """The jitted training step and held-out evaluation of a run."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  evaluate = jax.jit(lambda model_state: task.evaluate(
+      nnx.merge(model_graphdef, model_state)))
+  body = functools.partial(_body, graphdef, task, settings)
+  if not settings.simulate:
+    return jax.jit(jax.shard_map(
+        lambda state, x, y: body(state, x[0], y[0]), mesh=mesh,
+        in_specs=(specs, P(AXIS), P(AXIS)),
+        out_specs=(specs, P()))), evaluate
+  mask = jax.tree.map(lambda spec: spec != P(), specs)
+  axes = jax.tree.map(lambda per_worker: 0 if per_worker else None, mask)
+
+  def worker(state, x, y):
+    # vmap drops the worker axis; sparsify keeps a local one of size 1.
+    state = jax.tree.map(lambda leaf, m: leaf[None] if m else leaf, state,
+                         mask)
+    state, loss = body(state, x, y)
+    return jax.tree.map(lambda leaf, m: leaf[0] if m else leaf, state,
+                        mask), loss
+
+  return jax.jit(jax.vmap(worker, in_axes=(axes, 0, 0),
+                          out_axes=(axes, None), axis_name=AXIS)), evaluate
 
 
 class Checkpoints:
