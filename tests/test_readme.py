@@ -5,6 +5,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import tomllib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -44,4 +45,8 @@ def test_ci_runs_the_readme_test_command():
   main_job, tests = _blocks("bash")
   ci = (ROOT / ".ci" / "run").read_text()
   assert tests.strip() in ci.splitlines()
-  assert "examples/quickstart.py" in main_job
+  # The main job installs as the tests do, then runs the `gsparse` command.
+  install = tests.split(" && .venv/bin/python -m pytest")[0]
+  assert main_job.strip() == f"{install} && .venv/bin/gsparse compare"
+  pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+  assert pyproject["project"]["scripts"]["gsparse"] == "gsparse_jax.cli:main"
