@@ -27,10 +27,11 @@ NUM_DEVICES = 8
 def _optax_promotion(request):
   """Tests marked ``optax_promotion`` run with standard promotion.
 
-  optax's own transformations are not clean under strict promotion when a
-  pytree has integer leaves (``sgd`` and ``adam`` multiply them by Python
-  floats); those tests check gsparse_jax's behaviour in such chains, and
-  gsparse_jax's strictness is checked by every other test.
+  optax's own transformations are not clean under strict promotion (``sgd``
+  multiplies integer leaves by Python floats, ``adam``'s bias correction
+  raises a float to an int32 count, ``MultiSteps`` divides by one); those
+  tests check gsparse_jax's behaviour in such chains, and gsparse_jax's
+  strictness is checked by every other test.
   """
   if request.node.get_closest_marker("optax_promotion"):
     with jax.numpy_dtype_promotion("standard"):

@@ -36,7 +36,7 @@ def _specs(tx, params):
   """Partition specs of the state of ``tx``; optax.MultiSteps' accumulator
   (which the library does not know) is per worker too."""
   abstract = jax.eval_shape(tx.init, params)
-  specs = accumulate.partition_specs(abstract, AXIS)
+  specs = gs.state_partition_specs(abstract, AXIS)
   is_optax_multi = lambda node: isinstance(node, optax.MultiStepsState)
   return jax.tree.map(
       lambda spec, node: spec._replace(acc_grads=jax.tree.map(
@@ -133,6 +133,7 @@ def _count_runs(count, tx, grads, mesh):
   return count["runs"] - before, outputs
 
 
+@pytest.mark.optax_promotion  # optax (adam, MultiSteps) is not strict-clean
 def test_collectives_run_once_per_optimizer_step(collective_count, mesh):
   """multi_steps over k*m micro-batches runs exactly the collectives of m
   plain steps; optax.MultiSteps, same result, runs those of k*m steps."""
@@ -165,3 +166,19 @@ def test_accumulator_is_per_worker_under_shard_map(mesh):
 def test_every_k_steps_must_be_a_positive_integer(bad):
   with pytest.raises(ValueError, match="every_k_steps"):
     gs.multi_steps(optax.sgd(0.1), bad)
+
+
+def test_state_partition_specs_shard_the_accumulators():
+  """`gs.state_partition_specs` knows `multi_steps`' per-worker accumulators,
+  with and without parameter specs."""
+  tx = gs.multi_steps(optax.chain(gs.sparsify(gs.top_k(0.5), axis_name=AXIS),
+                                  optax.sgd(0.1)), 2)
+  params = {"w": jnp.zeros((4, 2)), "b": jnp.zeros(2)}
+  abstract = jax.eval_shape(tx.init, params)
+  specs = gs.state_partition_specs(abstract, AXIS)
+  assert specs.micro_grads == {"w": P(AXIS), "b": P(AXIS)}
+  assert specs.mini_step == P()
+  assert specs.inner_state[0].memory == (P(AXIS),)
+  specs = gs.state_partition_specs(abstract, AXIS,
+                                   {"w": P(None, "model"), "b": P()})
+  assert specs.micro_grads == {"w": P(AXIS, None, "model"), "b": P(AXIS)}

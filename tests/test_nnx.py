@@ -100,6 +100,7 @@ def _plain_loop(mesh):
   return params, opt_state
 
 
+@pytest.mark.optax_promotion  # optax (adam, MultiSteps) is not strict-clean
 def test_nnx_loop_matches_plain_optax_loop(mesh):
   nnx_params, nnx_opt_state = _nnx_loop(mesh)
   plain_params, plain_opt_state = _plain_loop(mesh)
@@ -144,6 +145,7 @@ def test_nnx_shard_copies_the_initial_state_to_every_worker(mesh):
   assert kernel.sharding.spec == P() and kernel.shape == (6, 5)
 
 
+@pytest.mark.optax_promotion  # optax (adam, MultiSteps) is not strict-clean
 def test_example_trains_a_cnn_over_eight_devices():
   path = os.path.join(os.path.dirname(__file__), os.pardir, "examples",
                       "flax_nnx.py")

@@ -44,6 +44,9 @@ class MultiStepsState(NamedTuple):
   micro_grads: Any
   inner_state: Any
 
+  # Read by `gsparse_jax.state_partition_specs`: sharded over the workers.
+  per_worker_fields = ("micro_grads",)
+
 
 def _accumulator_dtype(dtype):
   return jnp.promote_types(dtype, jnp.float32)
@@ -65,9 +68,9 @@ def multi_steps(tx: optax.GradientTransformation, every_k_steps: int
 
   Returns:
     An `optax.GradientTransformation` whose state is a `MultiStepsState`.
-    Under `jax.shard_map`, shard its ``micro_grads`` over the workers' axis
-    like `sparsify`'s memory (`gsparse_jax.nnx_shard` and the `gsparse`
-    command do).
+    Under `jax.shard_map`, its ``micro_grads`` are sharded over the
+    workers' axis like `sparsify`'s memory
+    (`gsparse_jax.state_partition_specs` does it).
 
   Example:
     >>> import jax.numpy as jnp, gsparse_jax as gs
@@ -125,30 +128,3 @@ def multi_steps(tx: optax.GradientTransformation, every_k_steps: int
     return new_updates, MultiStepsState(mini_step, total, inner_state)
 
   return optax.GradientTransformation(init_fn, update_fn)
-
-
-def partition_specs(opt_state: Any, axis_name: str) -> Any:
-  """`gsparse_jax.state_partition_specs`, with `multi_steps`' accumulators.
-
-  Every ``MultiStepsState.micro_grads`` leaf is per worker, ``P(axis_name)``;
-  the rest is as `state_partition_specs` gives it.
-
-  Args:
-    opt_state: the optimizer state, or its abstract shape.
-    axis_name: the mesh axis of the workers.
-
-  Returns:
-    A pytree of `PartitionSpec` with the structure of ``opt_state``.
-  """
-  specs = distributed.state_partition_specs(opt_state, axis_name)
-  is_multi = lambda node: isinstance(node, MultiStepsState)
-
-  def override(spec, node):
-    if not is_multi(node):
-      return spec
-    return spec._replace(micro_grads=jax.tree.map(lambda _: P(axis_name),
-                                                  node.micro_grads))
-
-  return jax.tree.map(override, specs, opt_state,
-                      is_leaf=lambda node: is_multi(node) or isinstance(
-                          node, P))

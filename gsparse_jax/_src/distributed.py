@@ -85,16 +85,42 @@ def state_partition_specs(opt_state: Any, axis_name: str,
     return None
 
   def is_node(node):
-    return isinstance(node, transform.SparsifyState) or (
-        bool(param_trees) and parameter_shaped(node) is not None)
+    return isinstance(node, transform.SparsifyState) or _has_per_worker(
+        node) or (bool(param_trees) and parameter_shaped(node) is not None)
 
   def spec_for(node):
     if isinstance(node, transform.SparsifyState):
       return _sparsify_specs(node, axis_name, param_specs)
+    if _has_per_worker(node):
+      # Another state with per-worker fields (e.g. `multi_steps`' gradient
+      # accumulators, param-shaped with a leading worker axis); its other
+      # fields may hold a whole chain.
+      return node._replace(**{
+          field: (_per_worker_param_specs(getattr(node, field), axis_name,
+                                          param_specs)
+                  if field in node.per_worker_fields else
+                  state_partition_specs(getattr(node, field), axis_name,
+                                        param_specs))
+          for field in node._fields})
     full = parameter_shaped(node) if param_trees else None
     return P() if full is None else full
 
   return jax.tree.map(spec_for, opt_state, is_leaf=is_node)
+
+
+def _has_per_worker(node) -> bool:
+  """A NamedTuple state declaring ``per_worker_fields``."""
+  return isinstance(node, tuple) and hasattr(node, "_fields") and hasattr(
+      node, "per_worker_fields")
+
+
+def _per_worker_param_specs(tree, axis_name, param_specs):
+  """Specs of a param-shaped tree with a leading worker axis per leaf."""
+  if param_specs is None:
+    return jax.tree.map(lambda _: P(axis_name), tree)
+  full = _full_param_specs(param_specs, tree)
+  return jax.tree.map(lambda _, spec: P(axis_name, *spec), tree, full,
+                      is_leaf=lambda x: _is_spec(x))
 
 
 def _is_spec(x) -> bool:

@@ -40,7 +40,6 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gsparse_jax._src import accumulate
 from gsparse_jax._src import distributed
 
 
@@ -62,8 +61,8 @@ def _per_worker_paths(node, axis_name: str) -> set[tuple]:
       continue
     # NNX keeps the optax state's structure in `opt_state` and stores it in
     # the flat state under the same entries (NamedTuple fields by name).
-    specs = accumulate.partition_specs(nnx.as_pure(child.opt_state),
-                                       axis_name)
+    specs = distributed.state_partition_specs(
+        nnx.as_pure(child.opt_state), axis_name)
     for path, spec in jax.tree_util.tree_flatten_with_path(specs)[0]:
       if spec != P():
         paths.add(tuple(prefix) + ("opt_state",)
