@@ -9,6 +9,14 @@ all-reduce), sparse (all-gather of value+index pairs, e.g. Top-k), aligned
 all-reduce + k values). The figure shows which layout is fastest where, and
 its speedup over dense.
 
+A second section projects two-level data parallelism
+(`sparsify(..., axis_name="slice", inner_axes="data")`): slices of 8 devices
+on fast links (2400 Gbit/s, NVLink-class) joined by slow ones (10-100
+Gbit/s per device), dense inside each slice and each layout across slices,
+against the hierarchical dense all-reduce (`cost_model.project_two_level`),
+once with the selection time measured here and once with communication only
+(selection free: the bound an accelerator's selection approaches).
+
 The selection cost is assumed linear in d; on accelerators it is far lower
 than on this CPU, which only widens the region where compression wins.
 
@@ -31,6 +39,11 @@ from gsparse_jax._src import selection
 WORKERS = tuple(2**i for i in range(3, 13))  # 8 .. 4096
 PARAMS = (1e6, 1e7, 1e8, 1e9, 1e10)
 GBITS = (1.0, 10.0, 25.0, 100.0, 400.0)
+# Two-level: slices of DEVICES_PER_SLICE devices.
+SLICES = (2, 4, 8, 16, 32, 64)
+TWO_LEVEL_PARAMS = (1e7, 1e8, 1e9, 1e10)
+OUTER_GBITS = (10.0, 25.0, 100.0)
+DEVICES_PER_SLICE = 8
 LAYOUT_COLORS = {"dense": "#bbbbbb", "sparse": "#1f77b4",
                  "aligned": "#2ca02c", "arc": "#d62728"}
 
@@ -79,7 +92,65 @@ def project_grid(selection_s_per_element: float, ratio: float,
   return points
 
 
-def plot_grid(points, workers, params, gbits):
+def project_two_level_grid(selection_s_per_element: float, ratio: float,
+                           network_args: dict, bytes_per_value: int,
+                           devices_per_slice: int) -> list:
+  """Every layout across slices at every two-level grid point.
+
+  Args:
+    selection_s_per_element: measured selection seconds per entry.
+    ratio: the kept fraction.
+    network_args: ``inner_gbit``, ``inner_latency_s``, ``outer_latency_s``.
+    bytes_per_value: 4 for float32.
+    devices_per_slice: devices in each slice.
+
+  Returns:
+    Points with the fastest layout and its speedup over the hierarchical
+    dense all-reduce (``"workers"`` holds the number of slices).
+  """
+  points = []
+  inner = cost_model.network_from_gbit(network_args["inner_gbit"],
+                                       network_args["inner_latency_s"])
+  for gbit in OUTER_GBITS:
+    network = cost_model.TwoLevelNetwork(inner, cost_model.network_from_gbit(
+        gbit, network_args["outer_latency_s"]))
+    for num_params in TWO_LEVEL_PARAMS:
+      for slices in SLICES:
+        costs = {
+            layout: cost_model.project_two_level(
+                num_params, slices, devices_per_slice, network, layout,
+                ratio=ratio, bytes_per_value=bytes_per_value,
+                selection_s_per_element=selection_s_per_element)
+            for layout in cost_model.LAYOUTS}
+        best = min(costs.values(), key=lambda c: c.total_s)
+        points.append({
+            "gbit_per_s": gbit, "params": num_params, "workers": slices,
+            "devices_per_slice": devices_per_slice, "dense_s": best.dense_s,
+            "best": best.layout,
+            "best_speedup_over_dense": best.speedup_over_dense,
+            "layouts": {name: c._asdict() for name, c in costs.items()}})
+  return points
+
+
+def two_level_table(points) -> str:
+  """Markdown: per (outer link, parameters, slices), the fastest layout and
+  its speedup, and the speedup of the sparse layout (Top-k)."""
+  lines = ["| outer Gbit/s | params | " + " | ".join(
+      f"{s} slices" for s in SLICES) + " |",
+           "| --- | --- |" + " --- |" * len(SLICES)]
+  for gbit in OUTER_GBITS:
+    for num_params in TWO_LEVEL_PARAMS:
+      row = {p["workers"]: p for p in points
+             if p["gbit_per_s"] == gbit and p["params"] == num_params}
+      lines.append(f"| {gbit:g} | {num_params:.0e} | " + " | ".join(
+          f"{row[s]['best']} {row[s]['best_speedup_over_dense']:.1f}x, "
+          "sparse "
+          f"{row[s]['layouts']['sparse']['speedup_over_dense']:.1f}x"
+          for s in SLICES) + " |")
+  return "\n".join(lines)
+
+
+def plot_grid(points, workers, params, gbits, xlabel="workers"):
   """One panel per bandwidth: best layout (color) and its speedup (text)."""
   from matplotlib.colors import ListedColormap  # pylint: disable=g-import-not-at-top
   from matplotlib.patches import Patch  # pylint: disable=g-import-not-at-top
@@ -106,7 +177,7 @@ def plot_grid(points, workers, params, gbits):
                     rotation=90, fontsize=7)
       ax.set_yticks(range(len(params)), [f"{p:.0e}" for p in params],
                     fontsize=7)
-      ax.set_xlabel("workers")
+      ax.set_xlabel(xlabel)
       ax.set_ylabel("parameters")
       ax.set_title(f"{gbit:g} Gbit/s")
     for ax in flat[len(gbits):]:
@@ -129,6 +200,12 @@ def main(argv=None):
   parser.add_argument("--bytes-per-value", type=int, default=4)
   parser.add_argument("--selection-size", type=float, default=None)
   parser.add_argument("--repeats", type=int, default=None)
+  parser.add_argument("--inner-gbit", type=float, default=2400.0,
+                      help="two-level: link speed inside a slice")
+  parser.add_argument("--inner-latency-us", type=float, default=2.0)
+  parser.add_argument("--outer-latency-us", type=float, default=10.0)
+  parser.add_argument("--devices-per-slice", type=int,
+                      default=DEVICES_PER_SLICE)
   args = parser.parse_args(argv)
 
   size = int(args.selection_size or (1e5 if args.quick else 1e7))
@@ -140,6 +217,16 @@ def main(argv=None):
                         GBITS)
   wins = {layout: sum(p["best"] == layout for p in points)
           for layout in cost_model.LAYOUTS}
+  network_args = {"inner_gbit": args.inner_gbit,
+                  "inner_latency_s": args.inner_latency_us * 1e-6,
+                  "outer_latency_s": args.outer_latency_us * 1e-6}
+  two_level = {
+      name: project_two_level_grid(seconds, args.ratio, network_args,
+                                   args.bytes_per_value,
+                                   args.devices_per_slice)
+      for name, seconds in (("measured_selection",
+                             measured["seconds_per_element"]),
+                            ("communication_only", 0.0))}
   result = {
       "machine": _common.machine_description(),
       "selection": measured,
@@ -152,6 +239,14 @@ def main(argv=None):
                "gbit_per_s": list(GBITS)},
       "wins": wins,
       "points": points,
+      "two_level": {
+          "network": {**network_args,
+                      "outer_gbit_per_s": list(OUTER_GBITS),
+                      "devices_per_slice": args.devices_per_slice,
+                      "baseline": "hierarchical dense all-reduce"},
+          "grid": {"slices": list(SLICES),
+                   "params": list(TWO_LEVEL_PARAMS)},
+          "points": two_level},  # by selection assumption
   }
   _common.write_json(args.out, "scale_model", result)
   _common.write_plot(
@@ -166,7 +261,22 @@ def main(argv=None):
         f"({measured['seconds_per_element'] * 1e9:.3f} ns/entry, "
         f"{measured['seconds'] / measured['read_write_seconds']:.2f}x the "
         "read+write pass)")
+  _common.write_plot(
+      args.out, "scale_model_two_level",
+      plot_grid(two_level["communication_only"], list(SLICES),
+                list(TWO_LEVEL_PARAMS),
+                list(OUTER_GBITS), xlabel="slices"),
+      nrows=2, ncols=2, figsize=(10.0, 8.0),
+      title=(f"two-level, communication only: {args.devices_per_slice} "
+             f"devices per slice at {args.inner_gbit:g} Gbit/s, dense "
+             "inside,\nthe fastest layout across (number: speedup over the "
+             "hierarchical dense all-reduce;\npanel: Gbit/s per device "
+             f"across slices; ratio {args.ratio:g})"))
   print("grid points won per layout:", wins)
+  for name, grid in two_level.items():
+    print(f"two-level, {name.replace('_', ' ')} (fastest layout across "
+          "slices, speedup over the hierarchical dense all-reduce):")
+    print(two_level_table(grid))
   return result
 
 

@@ -1,7 +1,9 @@
 """ARC-Top-K vs Top-k under EF14, EF21, EF21M: the robust shifted objective.
 
-SPEC §6 (reference `synthetic_release/main.py` of yiran529/ARC-TopK): 10
-workers, ``d = 2000`` viewed as 200 rows of 10. Rows 0-149 are "noise" rows:
+From "An All-Reduce Compatible Top-K Compressor for Communication-Efficient
+Distributed Learning" (arXiv 2510.26709; reference code
+`synthetic_release/main.py` of yiran529/ARC-TopK): 10 workers, ``d = 2000``
+viewed as 200 rows of 10. Rows 0-149 are "noise" rows:
 worker ``i`` pulls them towards ``xi_i + gamma_i * w_s`` with ``xi = +100``,
 ``gamma = +5`` for the first 5 workers and ``-100``, ``-5`` for the others,
 so the pulls cancel in the mean; row 150 is the signal ``w_s`` (target 1);
@@ -157,10 +159,10 @@ def run_all(*, steps: int = 1000, lr: float = 0.002, ratio: float = 0.05,
   return results
 
 
-def plot(results: dict, path: str, initial: float) -> None:
+def plot(results: dict, path: str, initial: float, dpi: int = 120) -> None:
   feedbacks = sorted({r["feedback"] for r in results.values()},
                      key=FEEDBACKS.index)
-  with common.figure(path, nrows=1, ncols=len(feedbacks),
+  with common.figure(path, dpi=dpi, nrows=1, ncols=len(feedbacks),
                      figsize=(5 * len(feedbacks), 4), sharey=True,
                      squeeze=False) as (fig, axes):
     for ax, feedback in zip(axes[0], feedbacks):

@@ -181,8 +181,8 @@ def train(compressor, feedback, *, workers, steps, batch_per_worker, lr,
   }
 
 
-def plot(results: dict, path: str, title: str) -> None:
-  with common.figure(path, figsize=(6.5, 4.2)) as (_, ax):
+def plot(results: dict, path: str, title: str, dpi: int = 120) -> None:
+  with common.figure(path, dpi=dpi, figsize=(6.5, 4.2)) as (_, ax):
     for name, r in results.items():
       ax.plot(np.asarray(r["curve"]["bytes"]) / 1e6, r["curve"]["accuracy"],
               label=f"{name} ({r['sent_bytes_per_step'] / 1e3:.1f} kB/step)")

@@ -1,6 +1,7 @@
 """RegTop-k's motivating example: two workers whose big entries cancel.
 
-SPEC §5 (Bereyhi et al. 2025, reference `Toy_Example.py`): logistic
+From "Regularized Top-k: A Bayesian Framework for Gradient Sparsification"
+(Bereyhi et al., arXiv 2501.05633; reference code `Toy_Example.py`): logistic
 regression with two weights and two workers holding one sample each,
 ``x_1 = (100, 1)`` and ``x_2 = (-100, 1)``, both labelled 1, from
 ``w = (0, 1)``. Each worker may send ``k = 1`` entry per step (with error
@@ -84,13 +85,13 @@ def run(compressor: gs.Compressor, *, steps: int, lr: float) -> np.ndarray:
   return np.asarray(train(jnp.asarray(W0)))
 
 
-def plot(results: dict, path: str) -> None:
+def plot(results: dict, path: str, dpi: int = 120) -> None:
   labels = {"dense": "dense SGD", "top_k": "Top-k + EF",
             "reg_top_k": "RegTop-k + EF"}
   # Dense and RegTop-k nearly coincide: draw dense wide, RegTop-k dashed.
   styles = {"dense": dict(color="0.6", linewidth=4),
             "reg_top_k": dict(linestyle="--")}
-  with common.figure(path, figsize=(6, 4)) as (_, ax):
+  with common.figure(path, dpi=dpi, figsize=(6, 4)) as (_, ax):
     for name, result in results.items():
       ax.plot(result["loss"], label=labels.get(name, name),
               **styles.get(name, {}))

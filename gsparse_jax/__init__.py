@@ -2,6 +2,8 @@
 
 from gsparse_jax._src import cost_model
 
+from gsparse_jax._src.accumulate import multi_steps
+from gsparse_jax._src.accumulate import MultiStepsState
 from gsparse_jax._src.aggregate import aggregate
 from gsparse_jax._src.approximate import approx_top_k
 from gsparse_jax._src.arc_top_k import arc_top_k
@@ -16,6 +18,9 @@ from gsparse_jax._src.compressors import top_k
 from gsparse_jax._src.distributed import local_grad
 from gsparse_jax._src.distributed import local_value_and_grad
 from gsparse_jax._src.distributed import state_partition_specs
+from gsparse_jax._src.nnx_helpers import nnx_local_value_and_grad
+from gsparse_jax._src.nnx_helpers import nnx_partition_specs
+from gsparse_jax._src.nnx_helpers import nnx_shard
 from gsparse_jax._src.payload import Payload
 from gsparse_jax._src.power_sgd import power_sgd
 from gsparse_jax._src.qsgd import qsgd
@@ -39,6 +44,7 @@ __version__ = "0.1.0"
 __all__ = (
     "Compressor",
     "CommStats",
+    "MultiStepsState",
     "Payload",
     "Received",
     "RegTopKState",
@@ -60,6 +66,10 @@ __all__ = (
     "hard_threshold",
     "local_grad",
     "local_value_and_grad",
+    "multi_steps",
+    "nnx_local_value_and_grad",
+    "nnx_partition_specs",
+    "nnx_shard",
     "power_sgd",
     "qsgd",
     "rand_k",

@@ -11,9 +11,12 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
+from gsparse_jax._src.cli import bench
 from gsparse_jax._src.cli import common
+from gsparse_jax._src.cli import compare
+from gsparse_jax._src.cli import info
 
-COMMANDS: tuple = ()
+COMMANDS: tuple = (compare, info, bench)
 
 
 def build_parser() -> common.OneLineParser:

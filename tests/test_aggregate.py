@@ -81,6 +81,28 @@ def test_aggregate_is_typed_replicated_under_shard_map(mesh):
                                atol=1e-7)
 
 
+def test_sparse_bfloat16_payloads_are_summed_in_float32():
+  """8 bfloat16 values at one index add up exactly, as float32.
+
+  Worker w sends 1 + w/128 (exact in bfloat16). Their sum, 8.21875, needs
+  more bits than bfloat16 has near 8 (steps of 1/16): a sum kept at the
+  wire dtype would round it.
+  """
+  values = (1.0 + np.arange(WORKERS) / 128.0).astype(np.float32)
+
+  def worker(v):
+    x = jnp.zeros(D, jnp.bfloat16).at[3].set(v.astype(jnp.bfloat16))
+    sent = payload_lib.sparse_payload(x, jnp.array([3, D], jnp.int32), 1,
+                                      jnp.bfloat16)
+    return gs.aggregate(sent, AXIS)
+
+  got = jax.vmap(worker, axis_name=AXIS)(jnp.asarray(values))
+  assert got.dtype == jnp.float32
+  expected = np.zeros(D, np.float32)
+  expected[3] = values.astype(np.float64).mean()  # 1.02734375, exact
+  np.testing.assert_array_equal(got, np.broadcast_to(expected, got.shape))
+
+
 def test_aggregate_without_axis_is_decompression():
   p = payload_lib.sparse_payload(jnp.arange(5.0), jnp.array([4, 1, 5]), 2,
                                  jnp.float32)
@@ -92,7 +114,15 @@ def test_to_varying_in_each_context(mesh):
   x = jnp.ones(3)
   assert axes.to_varying(x, AXIS) is x
   assert axes.to_varying(x, None) is x
-  jax.vmap(lambda v: axes.to_varying(v, AXIS), axis_name=AXIS)(jnp.ones((2, 3)))
+
+  def under_vmap(v):
+    cast = axes.to_varying(v, AXIS)
+    assert cast is v  # the identity: vmap types nothing as varying
+    return cast
+
+  batch = jnp.arange(6.0).reshape(2, 3)
+  np.testing.assert_array_equal(
+      jax.vmap(under_vmap, axis_name=AXIS)(batch), batch)
 
   @functools.partial(jax.shard_map, mesh=mesh, in_specs=P(), out_specs=P())
   def inside(w):
@@ -100,6 +130,6 @@ def test_to_varying_in_each_context(mesh):
     assert axes.is_varying(axes.to_varying(w, AXIS), AXIS)
     return w
 
-  jax.jit(inside)(x)
+  np.testing.assert_array_equal(jax.jit(inside)(x), x)
   pmapped = jax.pmap(lambda v: axes.to_varying(v, AXIS), axis_name=AXIS)
   np.testing.assert_array_equal(pmapped(jnp.ones((WORKERS, 3))), 1.0)

@@ -1,4 +1,4 @@
-"""Tests of ARC-Top-K (SPEC §6): shared row choice, NumPy reference, wire."""
+"""ARC-Top-K (docs/algorithms.md): shared row choice, NumPy reference, wire."""
 
 import functools
 import re
@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import gsparse_jax as gs
+from gsparse_jax._src import transform
 import runners
 
 AXIS = runners.AXIS
@@ -111,6 +112,49 @@ def test_sparsify_agrees_across_vmap_shard_map_and_pmap(mesh):
                                err_msg=context)
   # The first step sends 2 of the 10 rows (h starts at 0): 16 values.
   assert np.count_nonzero(outputs["vmap"][0, 0]) == 16
+
+
+def test_sketched_rows_of_similar_norms_match_numpy_in_sparsify():
+  """rank < row length on i.i.d. rows: only the sketch decides the rows.
+
+  Rows of similar norms make the sketched ranking differ from the exact
+  aggregate-energy ranking, so the row choice checks the sketch itself:
+  Omega from the step's key (drawn here with the same `jax.random` call on
+  the key of step t, segment 0), the psum over the 8 workers, and the
+  squared-norm ranking.
+  """
+  num_rows, row_len, rank, steps = 40, 16, 3, 2
+  d = num_rows * row_len
+  compressor = gs.arc_top_k(0.1, rank=rank, row_size=row_len)
+  kept = compressor.rows_kept(d)
+  assert kept == 4
+  grads = np.random.default_rng(2).normal(size=(steps, WORKERS, d)).astype(
+      np.float32)
+  tx = gs.sparsify(compressor, feedback="none", axis_name=AXIS)
+  outputs, _ = runners.run_steps(tx, jnp.zeros(d), jnp.asarray(grads), "vmap")
+
+  for t in range(steps):
+    key = transform.segment_key(jnp.asarray(t, jnp.int32), 0)
+    omega = np.asarray(jax.random.normal(key, (row_len, rank), jnp.float32),
+                       np.float64)
+    g = grads[t].astype(np.float64)
+    rows, expected = arc_reference(g, omega, kept, row_len)
+    # The data exercises the sketch: the exact ranking picks other rows,
+    # and float32 rounding cannot swap the 4th and 5th sketched rows.
+    matrices = g.reshape(WORKERS, num_rows, row_len)
+    exact = np.sort(np.argsort(-np.sum(matrices.sum(0) ** 2, axis=1),
+                               kind="stable")[:kept])
+    assert set(exact) != set(rows)
+    energy = np.sum(sum(m @ omega for m in matrices) ** 2, axis=1)
+    fourth, fifth = np.sort(energy)[::-1][kept - 1:kept + 1]
+    assert fourth - fifth > 1e-3 * fourth
+
+    out = outputs[t]
+    np.testing.assert_array_equal(out, np.broadcast_to(out[0], out.shape))
+    sent_rows = np.flatnonzero(np.any(out[0].reshape(num_rows, row_len) != 0,
+                                      axis=1))
+    np.testing.assert_array_equal(sent_rows, rows)
+    np.testing.assert_allclose(out[0], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_single_worker_without_axis_name():
@@ -309,3 +353,28 @@ def test_is_hashable_and_jit_static():
   assert a == gs.arc_top_k(0.2, rank=4, row_size=8) and hash(a) == hash(
       gs.arc_top_k(0.2, rank=4, row_size=8))
   assert a.for_shape((3, 4)) != a
+
+  traced = []
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def mean_of(compressor, x):
+    traced.append(compressor)
+    sent = gs.compress(compressor, x, (), jax.random.key(0))
+    return gs.aggregate(sent, None)
+
+  x = heterogeneous_rows(np.random.default_rng(8), 1, 16, 8)[0]
+  omega = np.asarray(jax.random.normal(jax.random.key(0), (8, 4), jnp.float32),
+                     np.float64)
+  first = mean_of(a, jnp.asarray(x))
+  # An equal compressor built anew hits the compilation cache ...
+  again = mean_of(gs.arc_top_k(0.2, rank=4, row_size=8), jnp.asarray(x))
+  assert traced == [a]
+  np.testing.assert_array_equal(first, again)
+  _, expected = arc_reference(x[None].astype(np.float64), omega, 3, 8)
+  np.testing.assert_allclose(first, expected, rtol=1e-6)
+  # ... a different one is a new static argument: traced again.
+  wider = gs.arc_top_k(0.5, rank=4, row_size=8)
+  _, expected = arc_reference(x[None].astype(np.float64), omega, 8, 8)
+  np.testing.assert_allclose(mean_of(wider, jnp.asarray(x)), expected,
+                             rtol=1e-6)
+  assert traced == [a, wider]

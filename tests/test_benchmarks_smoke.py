@@ -5,6 +5,7 @@ repository root, and must write a valid JSON with the expected keys and a
 PNG.
 """
 
+import importlib
 import json
 import os
 import pathlib
@@ -74,10 +75,20 @@ def test_scale_model_benchmark(results_dir):
 
 
 @pytest.mark.parametrize("name", ["selection", "scale_model", "bytes",
-                                  "step_overhead"])
-def test_benchmarks_are_importable_modules(name):
-  assert (REPO_ROOT / "benchmarks" / f"{name}.py").is_file()
-  assert (REPO_ROOT / "benchmarks" / "__init__.py").is_file()
+                                  "step_overhead", "report"])
+def test_benchmarks_are_importable_modules(name, capsys):
+  """Each imports in-process and its CLI takes the options `report` uses."""
+  sys.path.insert(0, str(REPO_ROOT))
+  try:
+    module = importlib.import_module(f"benchmarks.{name}")
+  finally:
+    sys.path.remove(str(REPO_ROOT))
+  assert pathlib.Path(module.__file__).parent == REPO_ROOT / "benchmarks"
+  with pytest.raises(SystemExit) as exit_info:
+    module.main(["--help"])
+  assert exit_info.value.code == 0
+  usage = capsys.readouterr().out
+  assert "--out" in usage and "--quick" in usage
 
 
 def test_bytes_benchmark(results_dir):

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -58,6 +59,7 @@ def _resume_equals_uninterrupted(save_and_restore):
   assert gs.comm_stats(resumed_state)["sent_bytes"] == STEPS * 5 * 4
 
 
+@pytest.mark.optax_promotion  # int leaves through optax
 def test_orbax_round_trip_resumes_same_trajectory(tmp_path):
   def save_and_restore(tree):
     checkpointer = ocp.StandardCheckpointer()
@@ -72,6 +74,7 @@ def test_orbax_round_trip_resumes_same_trajectory(tmp_path):
   _resume_equals_uninterrupted(save_and_restore)
 
 
+@pytest.mark.optax_promotion  # int leaves through optax
 def test_flax_serialization_round_trip_resumes_same_trajectory():
   def save_and_restore(tree):
     blob = flax.serialization.to_bytes(tree)
@@ -81,6 +84,7 @@ def test_flax_serialization_round_trip_resumes_same_trajectory():
   _resume_equals_uninterrupted(save_and_restore)
 
 
+@pytest.mark.optax_promotion  # int leaves through optax
 def test_sharded_state_round_trips_with_every_workers_memory(tmp_path, mesh):
   """The shard_map state (memory sharded over 8 devices) saves and restores
   with its sharding, and training resumes on the same trajectory."""

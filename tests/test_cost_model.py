@@ -123,3 +123,40 @@ def test_network_validation():
 
 def test_docstring_example():
   assert doctest.testmod(cm).failed == 0
+
+
+# Two-level: inner links alpha = 1 us, beta = 10 GB/s; outer links as NET.
+TWO_LEVEL = cm.TwoLevelNetwork(inner=cm.Network(1e-6, 1e10), outer=NET)
+
+
+def test_hierarchical_all_reduce():
+  # Inside (p = 2): 2 * 1/2 * 1e6 / 1e10 + 2 * 1e-6 = 1.02e-4.
+  # Across (S = 4) on each device's 5e5-byte shard:
+  # 2 * 3/4 * 5e5 / 1e9 + 6 * 1e-5 = 8.1e-4.
+  assert cm.hierarchical_all_reduce_seconds(1e6, 4, 2, TWO_LEVEL) == (
+      pytest.approx(9.12e-4))
+
+
+def test_two_level_sparse_against_hand_computed():
+  # d = 2.5e5 float32 (1e6 bytes); k = 2500 pairs of 8 bytes = 2e4 bytes.
+  cost = cm.project_two_level(2.5e5, 4, 2, TWO_LEVEL, "sparse", ratio=0.01)
+  assert cost.inner_s == pytest.approx(1.02e-4)  # the dense in-slice ring
+  assert cost.outer_s == pytest.approx(3 * 2e4 / 1e9 + 3 * 1e-5)
+  assert cost.outer_bytes_per_device == 2e4
+  assert cost.inner_bytes_per_device == 1e6
+  assert cost.dense_s == pytest.approx(9.12e-4)
+  assert cost.total_s == pytest.approx(1.02e-4 + 9e-5)
+  assert cost.speedup_over_dense == pytest.approx(9.12e-4 / 1.92e-4)
+
+
+def test_two_level_dense_is_the_baseline_and_one_slice_sends_nothing_across():
+  dense = cm.project_two_level(2.5e5, 4, 2, TWO_LEVEL, "dense")
+  assert dense.total_s == pytest.approx(dense.dense_s)
+  assert dense.outer_bytes_per_device == 5e5  # each device's 1/p shard
+  assert dense.speedup_over_dense == pytest.approx(1.0)
+  alone = cm.project_two_level(2.5e5, 1, 2, TWO_LEVEL, "sparse", ratio=0.01,
+                               selection_s_per_element=1e-9)
+  assert alone.outer_s == 0.0
+  assert alone.total_s == pytest.approx(1.02e-4 + 2.5e-4)
+  with pytest.raises(ValueError, match="num_workers"):
+    cm.project_two_level(2.5e5, 4, 0, TWO_LEVEL, "sparse")

@@ -162,6 +162,7 @@ def test_local_grad_has_aux_and_vmap():
   np.testing.assert_array_equal(aux, [1.0, 1.0, 1.0])
 
 
+@pytest.mark.optax_promotion  # int leaves through optax
 @pytest.mark.parametrize("jit", [False, True])
 def test_state_types_and_shardings_stable_after_update(mesh, jit):
   tx = optax.chain(gs.sparsify(gs.top_k(0.1), axis_name=AXIS),

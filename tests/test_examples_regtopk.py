@@ -16,7 +16,7 @@ import regtopk_toy  # noqa: E402
 
 
 def toy_reference(method, steps=150, lr=0.9, mu=1.0):
-  """SPEC §5's two-worker logistic regression in float64 NumPy.
+  """RegTop-k's two-worker logistic regression in float64 NumPy.
 
   Returns the mean loss before each step and after the last, ``[steps+1]``.
   """
@@ -70,7 +70,8 @@ def test_toy_writes_json_and_plot(toy):
 def test_toy_top_k_stalls_and_reg_top_k_tracks_dense(toy):
   _, results = toy
   loss = {name: np.asarray(r["loss"]) for name, r in results.items()}
-  # SPEC's hand figures: the initial loss log(1 + e^-1) = 0.313 ...
+  # Hand figures (docs/algorithms.md, RegTop-k): the initial loss
+  # log(1 + e^-1) = 0.313 ...
   np.testing.assert_allclose(loss["top_k"][0], np.log1p(np.exp(-1)),
                              rtol=1e-6)
   # ... where Top-k sits until the bias error outgrows the cancelling
@@ -125,3 +126,39 @@ def test_linear_regression_rounds_to_fraction():
   curve = np.log10([4.0, 1.0, 0.05, 0.041, 0.01])
   assert regtopk_linear_regression.rounds_to_fraction(curve) == 4
   assert regtopk_linear_regression.rounds_to_fraction(curve[:4]) is None
+
+
+def test_linear_regression_gram_form_is_the_same_gradient():
+  data = regtopk_linear_regression.make_data(3, 6, 20, seed=1,
+                                             dtype=np.float64)
+  a, y, _, x0 = data
+  gram, b, _, _ = regtopk_linear_regression.gram_form(data)
+  for worker in range(3):
+    np.testing.assert_allclose(
+        regtopk_linear_regression.gram_grad(x0, gram[worker], b[worker]),
+        regtopk_linear_regression.mse_grad(x0, a[worker], y[worker]),
+        rtol=1e-12, atol=1e-12)
+
+
+def test_linear_regression_reject_study_both_dtypes():
+  # reject_factor 0: no displacement is below 0 times the last one, so after
+  # the first step (bound 1e5) every step is undone and the iterate stays.
+  study = regtopk_linear_regression.reject_study(
+      ratios=[0.5], seeds=range(2), rounds=12, reject_factor=0.0, workers=4,
+      dim=10, samples=30, curve_every=1)
+  assert study["ratios"] == [0.5] and study["seeds"] == [0, 1]
+  for dtype in ("float32", "float64"):
+    rows = study[dtype]
+    assert set(rows) == set(regtopk_linear_regression.REJECT_METHODS)
+    rejected = rows["reg_top_k+reject"][0]
+    np.testing.assert_allclose(rejected["rejected_fraction"], 11 / 12)
+    curve = np.asarray(rejected["curve"])
+    assert curve.shape == (13,) and (curve[1:] == curve[1]).all()
+    assert curve[1] < curve[0]  # the first step was taken
+    for name in ("top_k", "reg_top_k"):
+      assert rows[name][0]["rejected_fraction"] == [0.0, 0.0]
+      assert len(rows[name][0]["final"]) == 2
+  # The two precisions agree while the runs are far from the noise floor.
+  np.testing.assert_allclose(study["float32"]["top_k"][0]["curve"],
+                             study["float64"]["top_k"][0]["curve"],
+                             atol=1e-4)

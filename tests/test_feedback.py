@@ -1,4 +1,4 @@
-"""EF21 and EF21-SGDM (SPEC §7): NumPy references, shared estimate, wire."""
+"""EF21 and EF21-SGDM (docs/algorithms.md): NumPy references, wire."""
 
 import jax
 import jax.numpy as jnp

@@ -5,6 +5,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import tomllib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -14,18 +15,38 @@ def _blocks(language):
   return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
 
 
-def test_readme_example_runs_as_written(tmp_path):
-  (code,) = _blocks("python")
+def _run(code, cwd):
   result = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                          text=True, timeout=300, cwd=tmp_path,
+                          text=True, timeout=300, cwd=cwd,
                           env={**os.environ, "JAX_NUM_CPU_DEVICES": "8"})
   assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout.strip().splitlines()
+
+
+def test_readme_example_runs_as_written(tmp_path):
+  code = _blocks("python")[0]
   # dense bytes / sent bytes for top_k(0.01) of 64 floats: k = 1, 256 / 8.
-  assert float(result.stdout.strip().splitlines()[-1]) == 32.0
+  assert float(_run(code, tmp_path)[-1]) == 32.0
+
+
+def test_readme_meshes_with_several_axes_run_as_written(tmp_path):
+  (code,) = [b for b in _blocks("python") if "inner_axes" in b]
+  tensor_parallel, two_level = _run(code, tmp_path)[-2:]
+  # ("data", "model"): per device, the bias alone (k = 1 of 4) and the
+  # weight shards together (16*4 + 4*4 = 80 values, k = 8), 8 bytes a pair.
+  numbers = lambda line: [float(w) for w in line.split() if w[0].isdigit()]
+  assert numbers(tensor_parallel) == [(1 + 8) * 8, 0.0]
+  # ("slice", "data"): one budget over all 4 + 128 + 32 = 164 values
+  # (k = 16) across slices; the dense gradient (164 float32) inside.
+  assert numbers(two_level) == [16 * 8, 164 * 4]
 
 
 def test_ci_runs_the_readme_test_command():
   main_job, tests = _blocks("bash")
   ci = (ROOT / ".ci" / "run").read_text()
   assert tests.strip() in ci.splitlines()
-  assert "examples/quickstart.py" in main_job
+  # The main job installs as the tests do, then runs the `gsparse` command.
+  install = tests.split(" && .venv/bin/python -m pytest")[0]
+  assert main_job.strip() == f"{install} && .venv/bin/gsparse compare"
+  pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+  assert pyproject["project"]["scripts"]["gsparse"] == "gsparse_jax.cli:main"

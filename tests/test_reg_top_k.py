@@ -8,6 +8,7 @@ import pytest
 
 import gsparse_jax as gs
 from gsparse_jax._src import reg_top_k as reg_top_k_lib
+import references
 import runners
 
 WORKERS = 8  # one per device of the test mesh
@@ -17,7 +18,7 @@ RATIO = 0.25
 
 
 def reg_top_k_reference(grads, k, mu):
-  """RegTop-k with error feedback (SPEC §5), float64, every worker in a loop.
+  """RegTop-k + EF (docs/algorithms.md), float64, every worker in a loop.
 
   Args:
     grads: ``[steps, workers, d]``.
@@ -101,15 +102,31 @@ def _leaves_flat(tree):
 
 
 def test_reference_data_exercises_the_regularization():
-  """The crafted data hits every case the reference must cover."""
-  ref = reg_top_k_reference(_crafted_grads(d=20).astype(np.float64),
-                            k=5, mu=MU)
+  """The crafted data hits every case the reference must cover, and the
+  library's RegTop-k on it leaves Top-k's path where the reference does."""
+  flat = _crafted_grads(d=20)
+  k = gs.reg_top_k(RATIO).budget(20)
+  ref = reg_top_k_reference(flat.astype(np.float64), k=k, mu=MU)
   assert (ref["ratios"] < 0).any()  # a cancelled contribution
   assert (ref["ratios"] > 1).any()  # one reinforced by the others
   assert max(ref["partial_sends"]) > 0  # sent by some workers only
-  assert any(ref["differs_from_top_k"][WORKERS:])  # after step 0
-  assert not any(ref["differs_from_top_k"][:WORKERS])  # step 0 is Top-k
+  differs = np.reshape(ref["differs_from_top_k"], (STEPS, WORKERS)).any(1)
+  assert not differs[0] and differs[1:].any()  # step 0 is Top-k
   assert ref["min_gap"] > 1e-4
+
+  tx = gs.sparsify(gs.reg_top_k(RATIO, mu=MU, method="sort"),
+                   axis_name=runners.AXIS)
+  outputs, _ = runners.run_steps(tx, jnp.zeros(20), jnp.asarray(flat), "vmap")
+  got = outputs[:, 0]
+  np.testing.assert_allclose(got, ref["outputs"], rtol=1e-5, atol=1e-5)
+  top_k_outputs, _ = references.ef_run(flat.astype(np.float64),
+                                       references.top_k_select(k))
+  # Identical choices (hence memories) up to the first step where some
+  # worker's RegTop-k choice differs from Top-k's; there the means part.
+  first = int(np.argmax(differs))
+  np.testing.assert_allclose(got[:first], top_k_outputs[:first], rtol=1e-5,
+                             atol=1e-5)
+  assert np.abs(got[first] - top_k_outputs[first]).max() > 0.1
 
 
 @pytest.mark.parametrize("granularity,context", [

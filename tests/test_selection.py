@@ -127,6 +127,53 @@ def test_fallback_bisection_when_too_many_candidates_pass():
     assert_same_set(indices, x, 2000)
 
 
+def _boundary_input(plan, num_candidates, seed):
+  """Uniform [0, 1) noise and `num_candidates` entries of magnitude 10 placed
+  on distinct sampled positions (random signs).
+
+  Every draw of those positions samples 10, and there are at least
+  `num_candidates` such draws; when that reaches `plan.sample_rank`, the
+  sampled threshold is exactly 10, so exactly `num_candidates` entries pass
+  it: the kernel sees that many candidates.
+  """
+  rng = np.random.default_rng(seed)
+  x = rng.random(plan.size).astype(np.float32)
+  sampled = np.unique(selection._sample_positions(plan))
+  big = rng.choice(sampled, num_candidates, replace=False)
+  x[big] = np.where(rng.random(num_candidates) < 0.5, -10.0, 10.0)
+  return x
+
+
+# (k, capacity) = (3000, 4096) at d = 20,000; the fast path needs
+# k <= candidates <= capacity.
+BOUNDARY_SIZE, BOUNDARY_K = 20000, 3000
+BOUNDARY_PLAN = selection.threshold_plan(BOUNDARY_SIZE, BOUNDARY_K)
+
+
+@pytest.mark.parametrize("num_candidates, fallback", [
+    (BOUNDARY_K - 1, True),  # one short: the k-th entry is not a candidate
+    (BOUNDARY_K, False),
+    (BOUNDARY_PLAN.capacity, False),  # a full buffer: ties cut by index
+    (BOUNDARY_PLAN.capacity + 1, True),  # one too many for the buffer
+])
+def test_threshold_kernel_at_its_candidate_boundaries(num_candidates,
+                                                      fallback):
+  plan = BOUNDARY_PLAN
+  assert plan.sample_rank <= BOUNDARY_K - 1 < plan.capacity + 1 <= plan.size
+  x = _boundary_input(plan, num_candidates, seed=num_candidates)
+  # The premise, in NumPy: the sampled magnitude of rank `sample_rank` is 10
+  # and exactly `num_candidates` entries reach it.
+  sample = np.sort(np.abs(x[selection._sample_positions(plan)]))[::-1]
+  assert sample[plan.sample_rank - 1] == 10.0
+  assert np.count_nonzero(np.abs(x) >= 10.0) == num_candidates
+  indices, used_fallback = threshold_with_flag(x, plan)
+  assert bool(used_fallback) == fallback
+  assert_same_set(indices, x, BOUNDARY_K)
+  # The public entry point runs the same plan.
+  assert_same_set(selection.top_k_abs(x, BOUNDARY_K, "threshold"), x,
+                  BOUNDARY_K)
+
+
 # Few distinct (size, k) pairs keep compilation out of the example budget;
 # every float dtype shares the float32 kernel of its plan.
 PLANS = [(100, 30), (1025, 600), (2000, 3), (4500, 4000)]

@@ -26,6 +26,7 @@ def _grads():
 
 
 # Hand-computed bytes per worker per step, k = round(0.05 * 300) = 15.
+@pytest.mark.optax_promotion  # int leaves through optax
 @pytest.mark.parametrize("compressor, per_step_bytes, per_step_values", [
     (gs.top_k(0.05), 15 * (4 + 4), 15),  # value + int32 index
     (gs.rand_k(0.05, shared=True), 15 * 4, 15),  # shared indices: values only
@@ -87,3 +88,45 @@ def test_multi_transform_states_add_up():
   stats = gs.comm_stats(state)
   assert stats["sent_values"] == 3
   assert stats["dense_values"] == 30
+
+
+def test_every_counter_after_a_skipped_step():
+  """A NaN step moves `steps` and `skipped_steps` only; nothing else counts.
+
+  hard_threshold(0) passes every entry, so each applied step fills the
+  capacity and overflows the rest: every counter moves by a known amount.
+  Layer granularity with a bfloat16 leaf separates values from bytes.
+  """
+  params = {"w": jnp.zeros((20, 10), jnp.bfloat16), "b": jnp.zeros((100,)),
+            "step": jnp.zeros((), jnp.int32)}
+  tx = gs.sparsify(gs.hard_threshold(0.0, capacity_ratio=0.1),
+                   axis_name=runners.AXIS, granularity="layer")
+  rng = np.random.default_rng(1)
+  grads = {name: rng.normal(size=(STEPS, WORKERS) + p.shape).astype(p.dtype)
+           for name, p in params.items()}
+  grads["b"][1, 3, 7] = np.nan  # one worker's NaN skips step 1 everywhere
+  _, state = runners.run_steps(tx, params, jax.tree.map(jnp.asarray, grads),
+                               "vmap")
+  # Per applied step and worker, by hand: w sends capacity 20 of its 200
+  # bfloat16 entries (2-byte value + 4-byte index) and overflows 180; b
+  # sends 10 of its 100 float32 entries (4 + 4 bytes) and overflows 90; the
+  # int leaf never travels.
+  applied = STEPS - 1
+  expected = {
+      "sent_values": applied * (20 + 10),
+      "sent_bytes": applied * (20 * 6 + 10 * 8),
+      "dense_values": applied * (200 + 100),
+      "dense_bytes": applied * (200 * 2 + 100 * 4),
+      "overflow_values": applied * (180 + 90),
+  }
+  stats = gs.comm_stats(state)
+  assert stats["steps"] == STEPS and stats["skipped_steps"] == 1
+  assert stats["workers"] == WORKERS
+  for name, value in expected.items():
+    assert stats[name] == value, name
+    np.testing.assert_array_equal(stats["per_worker"][name],
+                                  np.full(WORKERS, value), err_msg=name)
+  np.testing.assert_array_equal(stats["per_worker"]["steps"], STEPS)
+  np.testing.assert_array_equal(stats["per_worker"]["skipped_steps"], 1)
+  assert stats["density"] == pytest.approx(30 / 300)
+  assert stats["compression"] == pytest.approx(800 / 200)

@@ -159,6 +159,24 @@ def test_granularity_matches_reference(granularity):
     assert len(state.memory) == 3
 
 
+def test_layer_wise_rand_k_draws_independently_per_leaf_and_step():
+  """Equal-size leaves and successive steps each get their own draw."""
+  params = {f"layer{i}": jnp.zeros((1000,)) for i in range(4)}
+  tx = gs.sparsify(gs.rand_k(0.01), feedback="none", granularity="layer")
+  grads = jax.tree.map(lambda p: jnp.arange(1.0, 1001.0), params)  # no zeros
+  step = jax.jit(tx.update)
+  state = tx.init(params)
+  chosen = []
+  for _ in range(2):
+    out, state = step(grads, state)
+    chosen += [frozenset(np.flatnonzero(np.asarray(leaf)).tolist())
+               for leaf in jax.tree.leaves(out)]
+  assert [len(c) for c in chosen] == [10] * 8
+  # Independent uniform draws of 10 of 1000 entries: some pair of the 8
+  # sets coincides with probability 28 / C(1000, 10) ~ 1e-21.
+  assert len(set(chosen)) == len(chosen)
+
+
 def test_k_at_least_d_clamps_to_dense():
   tx = gs.sparsify(gs.top_k(k=1000))
   grads = {"w": jnp.arange(12.0).reshape(3, 4)}
@@ -218,6 +236,7 @@ def _make_chain(kind):
           learning_rate=0.1)
 
 
+@pytest.mark.optax_promotion  # int leaves through optax
 @pytest.mark.parametrize("kind", ["chain", "named_chain", "inject_hyperparams"])
 def test_chained_traced_once_and_stats_found(kind):
   tx = _make_chain(kind)
@@ -243,6 +262,7 @@ def test_chained_traced_once_and_stats_found(kind):
   chex.clear_trace_counter()
 
 
+@pytest.mark.optax_promotion  # int leaves through optax
 def test_init_accepts_abstract_params_and_state_types_are_stable():
   tx = optax.chain(gs.sparsify(gs.top_k(0.1)), optax.adam(1e-3))
   params = {"w": jnp.zeros((30, 3)), "b": jnp.zeros((3,), jnp.bfloat16)}
@@ -324,6 +344,7 @@ def test_single_worker_sgd_with_dense_equals_plain_sgd():
   chex.assert_trees_all_close(p1, p2)
 
 
+@pytest.mark.optax_promotion  # int leaves through optax
 def test_state_from_eager_init_can_be_donated():
   """No two state leaves share a buffer, so a step may donate the state."""
   tx = optax.chain(gs.sparsify(gs.top_k(0.5), feedback="ef21m"),

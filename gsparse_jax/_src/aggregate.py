@@ -46,6 +46,13 @@ def aggregate(payload: payload_lib.Payload,
     >>> jax.vmap(worker, axis_name="data")(jnp.eye(3))[0].tolist()
     [0.3333333432674408, 0.3333333432674408, 0.3333333432674408]
   """
+  if not isinstance(payload, payload_lib.Payload):
+    raise TypeError("aggregate: `payload` must be a gsparse_jax Payload "
+                    f"(from gs.compress), got {type(payload).__name__}.")
+  if axis_name is not None and not isinstance(
+      axis_name, (str, workers_lib.Workers)):
+    raise TypeError(f"aggregate: `axis_name` must be a string or None, got "
+                    f"{axis_name!r}.")
   workers = (axis_name if isinstance(axis_name, workers_lib.Workers)
              else workers_lib.Workers(axis_name))
   if payload.layout not in payload_lib.STANDARD_LAYOUTS:
@@ -53,9 +60,9 @@ def aggregate(payload: payload_lib.Payload,
         f"gsparse_jax.aggregate takes a payload of layout "
         f"{payload_lib.STANDARD_LAYOUTS}; layout {payload.layout!r} is "
         "aggregated by its compressor (`compressor.aggregate`).")
+  n = workers.size  # raises if the axis is not bound
   if workers.axis_name is None:
     return payload_lib.decompress(payload, jnp.float32)
-  n = workers.size
   if payload.layout == payload_lib.DENSE:
     return workers.sum(payload.values).astype(jnp.float32) / n
   base = jnp.zeros((payload.size,), jnp.float32)

@@ -175,6 +175,15 @@ class Compressor(abc.ABC):
     return state
 
 
+def _is_key(key) -> bool:
+  """A typed PRNG key, or a legacy uint32[2] one."""
+  if not isinstance(key, jax.Array):
+    return False
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return key.ndim == 0
+  return key.dtype == jnp.uint32 and key.shape == (2,)
+
+
 def compress(compressor: Compressor, x: jax.Array, state: Any,
              key: jax.Array, axis_name: Optional[str] = None,
              wire_dtype: Any = None) -> Payload:
@@ -209,11 +218,17 @@ def compress(compressor: Compressor, x: jax.Array, state: Any,
   if not isinstance(compressor, Compressor):
     raise TypeError("`compressor` must be a gsparse_jax Compressor (e.g. "
                     f"gs.top_k(0.01)); got {type(compressor).__name__}.")
-  if getattr(x, "ndim", None) != 1:
+  if getattr(x, "ndim", None) != 1 or not hasattr(x, "dtype"):
     raise ValueError("compress takes a 1-D float array `x`, got shape "
                      f"{getattr(x, 'shape', None)}.")
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"compress takes a float `x`, got dtype {x.dtype}.")
+  if not _is_key(key):
+    raise TypeError("compress: `key` must be a PRNG key (jax.random.key(0)), "
+                    f"got {type(key).__name__}.")
+  if axis_name is not None and not isinstance(axis_name, str):
+    raise TypeError(f"compress: `axis_name` must be a string or None, got "
+                    f"{axis_name!r}.")
   workers = workers_lib.Workers(axis_name)
   context = SelectContext(
       key=key,
@@ -396,8 +411,9 @@ def rand_k(ratio: float, *, seed: int = 0, shared: bool = True,
   """
   ratio = validation.ratio(ratio)
   seed = validation.integer(seed, "seed")
-  return RandK(ratio=ratio, seed=seed, shared=bool(shared),
-               scale=bool(scale))
+  return RandK(ratio=ratio, seed=seed,
+               shared=validation.boolean(shared, "shared"),
+               scale=validation.boolean(scale, "scale"))
 
 
 def dense() -> Dense:

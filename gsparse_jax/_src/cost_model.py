@@ -238,3 +238,135 @@ def _check_workers(num_workers) -> int:
       num_workers < 1):
     raise ValueError(f"num_workers must be an int >= 1, got {num_workers}.")
   return int(num_workers)
+
+
+# Two-level networks: fast links inside a slice (NVLink, TPU ICI), slow links
+# between slices (data-center network). `sparsify(..., axis_name="slice",
+# inner_axes="data")` reduces the gradient densely inside each slice (JAX's
+# all-reduce) and compresses only what crosses between slices.
+
+
+class TwoLevelNetwork(NamedTuple):
+  """Links inside a slice and between slices.
+
+  Attributes:
+    inner: the `Network` between the devices of one slice (fast).
+    outer: the `Network` from a device to the other slices (slow); every
+      device has its own link, so the devices of a slice send in parallel.
+  """
+
+  inner: Network
+  outer: Network
+
+
+class TwoLevelCost(NamedTuple):
+  """Projected per-step cost of one layout on a `TwoLevelNetwork`.
+
+  Attributes:
+    layout: one of `LAYOUTS`; ``"dense"`` is the hierarchical dense
+      all-reduce (`hierarchical_all_reduce_seconds`), the others a dense
+      all-reduce inside each slice and that layout across slices.
+    inner_s: time in collectives inside the slices.
+    outer_s: time in collectives across slices.
+    selection_s: time choosing what to send (0 for dense).
+    total_s: ``inner_s + outer_s + selection_s``.
+    inner_bytes_per_device: bytes a device puts into collectives inside its
+      slice.
+    outer_bytes_per_device: bytes a device sends across slices.
+    dense_s: time of the hierarchical dense all-reduce (the baseline).
+    speedup_over_dense: ``dense_s / total_s`` (above 1: compression pays).
+  """
+
+  layout: str
+  inner_s: float
+  outer_s: float
+  selection_s: float
+  total_s: float
+  inner_bytes_per_device: float
+  outer_bytes_per_device: float
+  dense_s: float
+  speedup_over_dense: float
+
+
+def hierarchical_all_reduce_seconds(num_bytes: float, num_slices: int,
+                                    devices_per_slice: int,
+                                    network: TwoLevelNetwork) -> float:
+  """Dense all-reduce of `B` bytes, hierarchically (the two-level baseline).
+
+  Reduce-scatter inside each slice, then each device all-reduces its
+  `B / p` shard across the slices (the `p` devices of a slice in parallel,
+  each on its own link), then all-gather inside the slice: what a
+  topology-aware dense all-reduce does.
+
+  Args:
+    num_bytes: the gradient's bytes, `B`.
+    num_slices: `S >= 1`.
+    devices_per_slice: `p >= 1`.
+    network: the `TwoLevelNetwork`.
+
+  Returns:
+    `ring_all_reduce(B, p, inner) + ring_all_reduce(B / p, S, outer)`
+    seconds (reduce-scatter and all-gather cost one ring all-reduce).
+  """
+  p = _check_workers(devices_per_slice)
+  return (ring_all_reduce_seconds(num_bytes, p, network.inner)
+          + ring_all_reduce_seconds(num_bytes / p, num_slices, network.outer))
+
+
+def project_two_level(
+    num_params: float,
+    num_slices: int,
+    devices_per_slice: int,
+    network: TwoLevelNetwork,
+    layout: str,
+    **kwargs,
+) -> TwoLevelCost:
+  """Projects one step of two-level data parallelism.
+
+  ``"dense"``: the hierarchical dense all-reduce. Other layouts: what
+  ``sparsify(..., axis_name="slice", inner_axes="data")`` does: a dense ring
+  all-reduce of the whole gradient inside each slice, then every device
+  compresses the slice's (identical) gradient and joins that layout's
+  collective across the `S` slices with the whole payload (`project_step`
+  with `S` workers on the outer links).
+
+  Example:
+    >>> net = TwoLevelNetwork(network_from_gbit(2400.0, 2e-6),
+    ...                       network_from_gbit(25.0, 10e-6))
+    >>> cost = project_two_level(1e9, 16, 8, net, "sparse", ratio=0.001)
+    >>> round(cost.speedup_over_dense, 1)
+    5.2
+
+  Args:
+    num_params: gradient size `d`.
+    num_slices: `S >= 1`.
+    devices_per_slice: `p >= 1`.
+    network: the `TwoLevelNetwork`.
+    layout: one of `LAYOUTS`.
+    **kwargs: `project_step`'s keyword arguments (``ratio``,
+      ``bytes_per_value``, ``selection_s_per_element``, ``sketch_rank``,
+      ``row_size``).
+
+  Returns:
+    A `TwoLevelCost`.
+
+  Raises:
+    ValueError: as `project_step`, and for a bad slice or device count.
+  """
+  p = _check_workers(devices_per_slice)
+  across = project_step(num_params, num_slices, network.outer, layout,
+                        **kwargs)
+  dense_bytes = num_params * kwargs.get("bytes_per_value", 4)
+  dense_s = hierarchical_all_reduce_seconds(dense_bytes, num_slices, p,
+                                            network)
+  # Inside the slice, both reduce the whole gradient densely (the
+  # hierarchical schedule as reduce-scatter + all-gather: the same time).
+  inner_s = ring_all_reduce_seconds(dense_bytes, p, network.inner)
+  if layout == "dense":  # each device carries its 1/p shard across
+    outer_s, outer_bytes = dense_s - inner_s, dense_bytes / p
+  else:
+    outer_s, outer_bytes = across.communication_s, across.bytes_per_worker
+  total_s = inner_s + outer_s + across.selection_s
+  return TwoLevelCost(layout, inner_s, outer_s, across.selection_s, total_s,
+                      float(dense_bytes), float(outer_bytes), dense_s,
+                      dense_s / total_s if total_s > 0 else 1.0)

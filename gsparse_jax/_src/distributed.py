@@ -11,7 +11,8 @@ from gsparse_jax._src import axes
 from gsparse_jax._src import transform
 
 
-def state_partition_specs(opt_state: Any, axis_name: str) -> Any:
+def state_partition_specs(opt_state: Any, axis_name: str,
+                          param_specs: Any = None) -> Any:
   """PartitionSpecs for a (chained) optimizer state under `shard_map`.
 
   Per-worker leaves of every `SparsifyState` (error memory, compressor state,
@@ -21,38 +22,196 @@ def state_partition_specs(opt_state: Any, axis_name: str) -> Any:
   which see identical aggregated updates on every worker) is replicated,
   ``P()``.
 
+  With ``param_specs`` (the parameters' specs as given to `shard_map`, on a
+  mesh with several axes), the state follows the parameters' sharding:
+
+  * a segment whose parameters are sharded over other axes (tensor
+    parallel, e.g. ``P(None, "model")``) holds each device's own shard
+    state: its per-worker leaves get ``P((axis_name, "model"))``, the
+    leading axis holding one entry per device, worker-major; its shared
+    memory (EF21's estimate) gets ``P("model")`` on its flat axis;
+  * every parameter-shaped part of the chain (momentum, Adam's moments: a
+    subtree with the parameters' tree structure) gets ``param_specs``;
+  * under ``granularity="global"``, leaves sharded differently are
+    compressed as separate segments (`transform.group_leaves`), so the specs
+    describe the state as `init` builds it inside `shard_map`: given
+    ``jax.eval_shape(tx.init, params)`` (one segment, the parameters'
+    sharding unknown there) the returned tree has one entry per segment.
+
+  The statistics stay ``P(axis_name)``: per worker, the same on all of its
+  devices.
+
   Args:
     opt_state: the optimizer state, or its abstract shape
       (``jax.eval_shape(tx.init, params)``).
-    axis_name: the mesh axis of the workers.
+    axis_name: the mesh axis of the workers (the compressed axis).
+    param_specs: None, or the pytree (or a tree prefix) of `PartitionSpec`
+      of the parameters. They must not shard over ``axis_name``: every
+      worker holds all of its shards.
 
   Returns:
-    A pytree of `PartitionSpec` with the structure of ``opt_state``, for the
-    ``in_specs``/``out_specs`` of `jax.shard_map`.
+    A pytree of `PartitionSpec` for the ``in_specs``/``out_specs`` of
+    `jax.shard_map`: init's ``out_specs`` and the step's state specs.
+
+  Raises:
+    ValueError: when ``param_specs`` does not fit the parameters or shards
+      a parameter over ``axis_name``.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, gsparse_jax as gs
+    >>> from jax.sharding import PartitionSpec as P
     >>> tx = optax.chain(gs.sparsify(gs.top_k(0.5), axis_name="data"),
     ...                  optax.sgd(0.1))
     >>> specs = gs.state_partition_specs(tx.init(jnp.zeros(4)), "data")
     >>> specs[0].memory, specs[0].count
     ((P('data',),), P())
+    >>> specs = gs.state_partition_specs(
+    ...     tx.init({"w": jnp.zeros((4, 2))}), "data", {"w": P(None, "model")})
+    >>> specs[0].memory
+    (P(('data', 'model'),),)
   """
-  sharded, replicated = P(axis_name), P()
+  param_trees = []  # (treedef, full spec tree) of each parameter structure
+  if param_specs is not None:
+    for state in _sparsify_states(opt_state):
+      full = _full_param_specs(param_specs, state.structure)
+      param_trees.append((jax.tree.structure(state.structure), full))
+
+  def parameter_shaped(node):
+    for treedef, full in param_trees:
+      if jax.tree.structure(node) == treedef and all(
+          getattr(leaf, "ndim", 0) >= len(spec) for leaf, spec in
+          zip(jax.tree.leaves(node), jax.tree.leaves(full, is_leaf=_is_spec))):
+        return full
+    return None
+
+  def is_node(node):
+    return isinstance(node, transform.SparsifyState) or _has_per_worker(
+        node) or (bool(param_trees) and parameter_shaped(node) is not None)
 
   def spec_for(node):
     if isinstance(node, transform.SparsifyState):
-      return transform.SparsifyState(**{
-          field: jax.tree.map(
-              lambda _: sharded if field in transform.PER_WORKER_FIELDS
-              else replicated, getattr(node, field))
-          for field in transform.SparsifyState._fields
-      })
-    return replicated
+      return _sparsify_specs(node, axis_name, param_specs)
+    if _has_per_worker(node):
+      # Another state with per-worker fields (e.g. `multi_steps`' gradient
+      # accumulators, param-shaped with a leading worker axis); its other
+      # fields may hold a whole chain.
+      return node._replace(**{
+          field: (_per_worker_param_specs(getattr(node, field), axis_name,
+                                          param_specs)
+                  if field in node.per_worker_fields else
+                  state_partition_specs(getattr(node, field), axis_name,
+                                        param_specs))
+          for field in node._fields})
+    full = parameter_shaped(node) if param_trees else None
+    return P() if full is None else full
 
-  return jax.tree.map(
-      spec_for, opt_state,
-      is_leaf=lambda node: isinstance(node, transform.SparsifyState))
+  return jax.tree.map(spec_for, opt_state, is_leaf=is_node)
+
+
+def _has_per_worker(node) -> bool:
+  """A NamedTuple state declaring ``per_worker_fields``."""
+  return isinstance(node, tuple) and hasattr(node, "_fields") and hasattr(
+      node, "per_worker_fields")
+
+
+def _per_worker_param_specs(tree, axis_name, param_specs):
+  """Specs of a param-shaped tree with a leading worker axis per leaf."""
+  if param_specs is None:
+    return jax.tree.map(lambda _: P(axis_name), tree)
+  full = _full_param_specs(param_specs, tree)
+  return jax.tree.map(lambda _, spec: P(axis_name, *spec), tree, full,
+                      is_leaf=lambda x: _is_spec(x))
+
+
+def _is_spec(x) -> bool:
+  return isinstance(x, P)
+
+
+def _sparsify_states(tree) -> list:
+  return [node for node in jax.tree.leaves(
+      tree, is_leaf=lambda n: isinstance(n, transform.SparsifyState))
+          if isinstance(node, transform.SparsifyState)]
+
+
+def _full_param_specs(param_specs, structure):
+  """``param_specs`` broadcast to the parameters' full tree."""
+  try:
+    full = jax.tree.broadcast(param_specs, structure,
+                              is_leaf=lambda x: _is_spec(x) or x is None)
+  except (ValueError, TypeError) as error:
+    raise ValueError(
+        "state_partition_specs: `param_specs` must be a PartitionSpec tree "
+        "(or tree prefix) of the parameters, whose structure is "
+        f"{jax.tree.structure(structure)}; got {param_specs!r} ({error})."
+        ) from None
+  for path, spec in jax.tree_util.tree_flatten_with_path(
+      full, is_leaf=lambda x: _is_spec(x) or x is None)[0]:
+    if not _is_spec(spec):
+      raise ValueError(
+          f"state_partition_specs: param_specs for leaf "
+          f"{jax.tree_util.keystr(path)} is {spec!r}, not a PartitionSpec.")
+  return full
+
+
+def _spec_axes(spec: P) -> set[str]:
+  names = set()
+  for entry in spec:
+    names.update((entry,) if isinstance(entry, str) else
+                 (a for a in (entry or ()) if isinstance(a, str)))
+  return names
+
+
+def _segment_axes(state, axis_name, param_specs) -> list:
+  """Per segment of ``state``, the other axes its parameters vary over."""
+  num_segments = len(state.memory)
+  if param_specs is None:
+    return [()] * num_segments
+  full = _full_param_specs(param_specs, state.structure)
+  keys = []
+  for (path, spec) in jax.tree_util.tree_flatten_with_path(
+      full, is_leaf=_is_spec)[0]:
+    spec_axes = _spec_axes(spec)
+    if axis_name in spec_axes:
+      raise ValueError(
+          f"state_partition_specs: param_specs shards leaf "
+          f"{jax.tree_util.keystr(path)} as {spec} over the workers' axis "
+          f"{axis_name!r}. Compression runs over {axis_name!r}, so every "
+          "worker must hold the whole parameter (its shards over other axes "
+          f"at most): replicate it over {axis_name!r}.")
+    keys.append(tuple(sorted(spec_axes)))
+  ids = [i for i, leaf in enumerate(jax.tree.leaves(state.structure))
+         if transform.is_compressed_structure_leaf(leaf)]
+  per_leaf = transform.group_leaves(ids, keys, "layer")
+  grouped = transform.group_leaves(ids, keys, "global")
+  if num_segments == len(per_leaf):
+    return [keys[group[0]] for group in per_leaf]
+  if num_segments in (1, len(grouped)):  # global: as built outside/inside
+    return [keys[group[0]] for group in grouped]
+  raise ValueError(
+      f"state_partition_specs: the state has {num_segments} compressed "
+      f"segments, which fits neither a segment per leaf ({len(per_leaf)}) "
+      f"nor one per sharding of the leaves ({len(grouped)}) under "
+      "param_specs; pass the state of tx.init for these parameters.")
+
+
+def _sparsify_specs(state, axis_name, param_specs):
+  """The specs of one `SparsifyState` (see `state_partition_specs`)."""
+  segment_axes = _segment_axes(state, axis_name, param_specs)
+  # Outside shard_map, init cannot see the sharding and builds one global
+  # segment; inside, one per sharding: every segment's state has its form.
+  source = (range(len(segment_axes)) if len(segment_axes) == len(
+      state.memory) else [0] * len(segment_axes))
+  per_segment = lambda field, spec: tuple(
+      jax.tree.map(lambda _, s=spec(seg_axes): s, getattr(state, field)[i])
+      for i, seg_axes in zip(source, segment_axes))
+  per_worker = lambda seg_axes: transform.per_worker_spec(axis_name, seg_axes)
+  return transform.SparsifyState(
+      count=P(),
+      memory=per_segment("memory", per_worker),
+      compressor_state=per_segment("compressor_state", per_worker),
+      shared_memory=per_segment("shared_memory", transform.shared_spec),
+      stats=jax.tree.map(lambda _: P(axis_name), state.stats),
+      structure=jax.tree.map(lambda _: P(), state.structure))
 
 
 def local_value_and_grad(fun: Callable, axis_name: str,
@@ -67,6 +226,13 @@ def local_value_and_grad(fun: Callable, axis_name: str,
   ``axis_name``, so the gradient stays local and `sparsify` can compress it.
   Under `vmap`/`pmap` (where gradients are already local) it is plain
   `jax.value_and_grad`.
+
+  On a mesh with several axes only ``axis_name`` is cast: over the other
+  axes JAX keeps its own rules. For parameters replicated over an axis the
+  batch is also split over (two-level data parallelism: ``"data"`` inside
+  each ``"slice"``), the gradient comes back SUMMED over that axis by one
+  dense all-reduce, which is what ``sparsify(..., inner_axes="data")``
+  expects; tensor-parallel shards get their own shard's gradient.
 
   Args:
     fun: the loss function.

@@ -205,6 +205,6 @@ def power_sgd(rank: int = 1, *, warm_start: bool = True,
   """
   return PowerSGD(
       rank=validation.positive_int(rank, "rank"),
-      warm_start=bool(warm_start),
+      warm_start=validation.boolean(warm_start, "warm_start"),
       min_compression_rate=validation.in_interval(
           min_compression_rate, "min_compression_rate", 1.0, math.inf))

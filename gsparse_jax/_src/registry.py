@@ -60,31 +60,35 @@ def _hard_threshold_from_ratio(ratio: float, sample: Any
       threshold, capacity_ratio=min(1.0, 2.0 * ratio))
 
 
+def _at_ratio(factory):
+  """``from_ratio`` of a factory whose first argument is the ratio."""
+  return lambda ratio, sample: factory(ratio)
+
+
 _ENTRIES = (
     CompressorEntry("dense", compressors.dense,
                     lambda ratio, sample: compressors.dense(),
                     "no compression: dense all-reduce (the baseline)"),
     CompressorEntry("top_k", compressors.top_k,
-                    lambda ratio, sample: compressors.top_k(ratio),
+                    _at_ratio(compressors.top_k),
                     "exact Top-k by magnitude"),
     CompressorEntry("rand_k", compressors.rand_k,
-                    lambda ratio, sample: compressors.rand_k(ratio),
+                    _at_ratio(compressors.rand_k),
                     "k random entries, the same on every worker (no indices)"),
     CompressorEntry("hard_threshold", threshold_compressors.hard_threshold,
                     _hard_threshold_from_ratio,
                     "every |a| >= lambda (calibrated to the ratio on a sample)"),
     CompressorEntry("gaussian_k", threshold_compressors.gaussian_k,
-                    lambda ratio, sample: threshold_compressors.gaussian_k(
-                        ratio),
+                    _at_ratio(threshold_compressors.gaussian_k),
                     "threshold from a Gaussian fit (approximate Top-k)"),
     CompressorEntry("approx_top_k", approximate.approx_top_k,
-                    lambda ratio, sample: approximate.approx_top_k(ratio),
+                    _at_ratio(approximate.approx_top_k),
                     "lax.approx_max_k (fast on TPU, exact elsewhere)"),
     CompressorEntry("reg_top_k", reg_top_k.reg_top_k,
-                    lambda ratio, sample: reg_top_k.reg_top_k(ratio),
+                    _at_ratio(reg_top_k.reg_top_k),
                     "RegTop-k: Top-k demoting entries the workers cancel"),
     CompressorEntry("arc_top_k", arc_top_k.arc_top_k,
-                    lambda ratio, sample: arc_top_k.arc_top_k(ratio),
+                    _at_ratio(arc_top_k.arc_top_k),
                     "ARC-Top-K: shared rows from a sketch, one all-reduce"),
     CompressorEntry("top_k_bf16", compressors.top_k,
                     lambda ratio, sample: compressors.top_k(
@@ -127,6 +131,6 @@ def compressor_from_ratio(name: str, ratio: float, sample: Optional[Any] = None
   Returns:
     A `Compressor`.
   """
-  validation.choice(name, "compressor", compressor_names())
+  validation.choice(name, "name", compressor_names())
   validation.ratio(ratio)
   return REGISTRY[name].from_ratio(ratio, sample)

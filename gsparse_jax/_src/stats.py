@@ -5,6 +5,12 @@ local size 1, like the rest of the per-worker state). Totals can pass 2**32
 (bytes of a large model over many steps) while JAX runs without 64-bit types
 by default, so each total is a pair of uint32 words (low, high) added with a
 carry; `comm_stats` turns them back into Python numbers on the host.
+
+On a mesh with several axes a worker is a group of devices (its
+tensor-parallel shards, or the devices of its slice): each device sends its
+own payload across the workers' axis, and the figures are per device of a
+worker (where devices of one worker differ, e.g. data-dependent counts of
+different shards, their mean, rounded).
 """
 
 from __future__ import annotations
@@ -31,6 +37,11 @@ class CommStats(NamedTuple):
     dense_bytes: ``[1, 2]``, bytes of that dense all-reduce payload.
     overflow_values: ``[1, 2]``, values selected but left in memory because
       the payload's capacity was full.
+    inner_dense_bytes: ``[1, 2]``, bytes of the dense reduction inside the
+      worker's group of devices that produced the gradient (two-level data
+      parallelism: ``sparsify(..., inner_axes=...)``; 0 otherwise). Counted
+      on every call, skipped ones included: that reduction ran before
+      `sparsify` saw the gradient.
   """
 
   steps: jax.Array
@@ -40,10 +51,11 @@ class CommStats(NamedTuple):
   dense_values: jax.Array
   dense_bytes: jax.Array
   overflow_values: jax.Array
+  inner_dense_bytes: jax.Array
 
 
 _COUNTERS = ("sent_values", "sent_bytes", "dense_values", "dense_bytes",
-             "overflow_values")
+             "overflow_values", "inner_dense_bytes")
 
 
 def init_stats() -> CommStats:
@@ -69,8 +81,11 @@ def add_to_counter(counter: jax.Array, value: Union[int, jax.Array]
 
 def record_step(stats: CommStats, *, applied: jax.Array, sent_values,
                 sent_bytes: int, dense_values: int, dense_bytes: int,
-                overflow_values) -> CommStats:
-  """Stats after one update call; counters only move when ``applied``."""
+                overflow_values, inner_dense_bytes: int = 0) -> CommStats:
+  """Stats after one update call; counters only move when ``applied``.
+
+  ``inner_dense_bytes`` is the exception: it moves on every call.
+  """
   applied = jnp.asarray(applied)
   gate = lambda v: jnp.where(applied, v, 0)
   return CommStats(
@@ -82,6 +97,8 @@ def record_step(stats: CommStats, *, applied: jax.Array, sent_values,
       dense_bytes=add_to_counter(stats.dense_bytes, gate(dense_bytes)),
       overflow_values=add_to_counter(stats.overflow_values,
                                      gate(overflow_values)),
+      inner_dense_bytes=add_to_counter(stats.inner_dense_bytes,
+                                       inner_dense_bytes),
   )
 
 
@@ -111,9 +128,11 @@ def comm_stats(opt_state: Any) -> dict[str, Any]:
     A dict with, averaged over workers (each figure is per worker and
     cumulative): ``steps``, ``skipped_steps`` (ints), ``sent_values``,
     ``sent_bytes``, ``dense_values``, ``dense_bytes``, ``overflow_values``,
-    ``density`` (sent / dense values) and ``compression`` (dense / sent
-    bytes); ``workers``, the number of workers; and ``per_worker``, the same
-    counters as NumPy arrays of shape ``[workers]``.
+    ``inner_dense_bytes`` (bytes reduced densely inside a worker's slice, not
+    across the workers' axis), ``density`` (sent / dense values) and
+    ``compression`` (dense / sent bytes); ``workers``, the number of
+    workers; and ``per_worker``, the same counters as NumPy arrays of shape
+    ``[workers]``.
 
   Example:
     >>> import jax.numpy as jnp, optax, gsparse_jax as gs

@@ -13,6 +13,16 @@ compressor `agree`/`select` -> compressor `aggregate` -> feedback `finish` ->
 compressor `update`, all inside one `lax.cond` that skips non-finite steps.
 The generic code here knows compressors and feedback rules only through
 their contracts (`compressors.Compressor`, `feedback.FeedbackRule`).
+
+Meshes with several axes (under `jax.shard_map`): ``axis_name`` is the axis
+compressed over. A leaf may also vary over other mesh axes (the shard of a
+tensor-parallel parameter varies over ``"model"``); each device compresses
+its own shard, and leaves are grouped into segments only with leaves that
+vary over the same axes, so a replicated leaf gets the same update on every
+device. The per-worker state of such a segment varies over those axes too
+(`distributed.state_partition_specs` shards it accordingly). With
+``inner_axes`` (two-level data parallelism) the gradient arrives summed
+densely over the devices of a slice and is divided by their number first.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec as P
 
 from gsparse_jax._src import axes
 from gsparse_jax._src import compressors
@@ -43,7 +54,10 @@ class SparsifyState(NamedTuple):
 
   Per-worker fields (every leaf has a leading worker axis, of size 1 inside
   the step): ``memory``, ``compressor_state``, ``stats``. Fields identical on
-  every worker: ``count``, ``shared_memory``, ``structure``.
+  every worker: ``count``, ``shared_memory``, ``structure``. On a mesh with
+  several axes, the memory, compressor state and shared memory of a segment
+  whose leaves are sharded over other axes are those of this device's
+  shards (and differ across those axes).
 
   Attributes:
     count: int32 scalar, steps applied (skipped steps excluded); seeds the
@@ -54,8 +68,9 @@ class SparsifyState(NamedTuple):
     shared_memory: per segment, memory identical on all workers (EF21's
       ``h``), at ``memory_dtype``.
     stats: `CommStats`, cumulative, per worker.
-    structure: the gradient pytree's structure, with each leaf's size as an
-      int32 scalar; every update checks its input against it.
+    structure: the gradient pytree's structure, with each leaf's size as a
+      scalar: int32 for a compressed leaf, uint32 for a leaf passed through
+      (non-float or empty); every update checks its input against it.
   """
 
   count: jax.Array
@@ -79,12 +94,15 @@ class Segment:
     wire_dtype: the dtype its values travel in (the leaves' common dtype).
     compressor: the compressor for it (specialized to the leaf's shape
       under layer granularity).
+    axes: the mesh axes besides the workers' that its leaves vary over
+      (sorted; ``()`` for replicated leaves and outside `shard_map`).
   """
 
   leaf_ids: tuple[int, ...]
   size: int
   wire_dtype: Any
   compressor: compressors.Compressor
+  axes: tuple[str, ...] = ()
 
   def wire(self) -> tuple[wire.Collective, ...]:
     return self.compressor.wire(self.size, self.wire_dtype)
@@ -109,19 +127,51 @@ def _is_compressible(leaf) -> bool:
   return jnp.issubdtype(leaf.dtype, jnp.floating) and _leaf_size(leaf) > 0
 
 
-def plan(leaves, granularity: str, compressor: compressors.Compressor
-         ) -> list[Segment]:
+def group_leaves(ids, keys, granularity: str) -> list[list[int]]:
+  """Which leaves are compressed together: the one rule, shared with
+  `distributed.state_partition_specs`.
+
+  Args:
+    ids: positions of the compressed leaves, in order.
+    keys: per leaf position, the mesh axes it varies over besides the
+      workers' (`axes.sharded_axes`).
+    granularity: ``"layer"`` (a segment per leaf) or ``"global"`` (a segment
+      per distinct key, in order of first appearance: one budget over all
+      leaves sharded alike, never mixing a replicated leaf with the shard of
+      a sharded one).
+
+  Returns:
+    The segments' leaf positions.
+  """
+  if granularity == "layer":
+    return [[i] for i in ids]
+  groups: dict[Any, list[int]] = {}
+  for i in ids:
+    groups.setdefault(keys[i], []).append(i)
+  return list(groups.values())
+
+
+def plan(leaves, granularity: str, compressor: compressors.Compressor,
+         axis_name: Optional[str] = None) -> list[Segment]:
   """How the float leaves are grouped into compressed segments (static)."""
+  keys = [axes.sharded_axes(leaf, axis_name) for leaf in leaves]
   ids = [i for i, leaf in enumerate(leaves) if _is_compressible(leaf)]
-  groups = [ids] if granularity == "global" and ids else [[i] for i in ids]
   return [
       Segment(tuple(group),
               sum(_leaf_size(leaves[i]) for i in group),
-              jnp.result_type(*(leaves[i].dtype for i in group)),
+              _common_dtype([leaves[i].dtype for i in group]),
               compressor.for_shape(tuple(leaves[group[0]].shape))
-              if granularity == "layer" else compressor)
-      for group in groups
+              if granularity == "layer" else compressor,
+              keys[group[0]])
+      for group in group_leaves(ids, keys, granularity)
   ]
+
+
+def _common_dtype(dtypes) -> Any:
+  """The dtype values of mixed-dtype leaves travel in (standard promotion:
+  bfloat16 with float32 gives float32), whatever promotion mode is set."""
+  with jax.numpy_dtype_promotion("standard"):
+    return jnp.result_type(*dtypes)
 
 
 def segment_key(count: jax.Array, segment_index: int) -> jax.Array:
@@ -139,7 +189,7 @@ def _check_nonfinite_raise(bad):
 def sparsify(compressor: compressors.Compressor, *, feedback: str = "ef",
              axis_name: Optional[str] = None, granularity: str = "global",
              nonfinite: str = "skip", momentum: float = 0.9,
-             memory_dtype: Any = jnp.float32
+             memory_dtype: Any = jnp.float32, inner_axes: Any = ()
              ) -> optax.GradientTransformation:
   """Compresses each worker's gradient and returns the workers' mean.
 
@@ -149,7 +199,11 @@ def sparsify(compressor: compressors.Compressor, *, feedback: str = "ef",
     feedback: ``"none"``, ``"ef"`` (error feedback, default), ``"ef21"`` or
       ``"ef21m"`` (EF21 with momentum).
     axis_name: the mapped axis of workers (`vmap`, `pmap`, `shard_map`);
-      None for one worker and no collective.
+      None for one worker and no collective. On a mesh with several axes,
+      the axis compressed over: the gradient of a parameter sharded over
+      other axes (tensor parallel) is compressed shard by shard, each
+      device with the same ratio (``k = max(1, round(ratio * shard
+      size))``), and aggregated over ``axis_name`` only.
     granularity: ``"global"`` (one budget over all float leaves,
       concatenated) or ``"layer"`` (a budget per leaf).
     nonfinite: ``"skip"`` (default): if any worker's gradient has a NaN/inf,
@@ -160,6 +214,14 @@ def sparsify(compressor: compressors.Compressor, *, feedback: str = "ef",
     memory_dtype: the dtype the feedback memories are stored in (float32 by
       default; bfloat16 halves the error memory of a large model). The
       arithmetic is float32 either way.
+    inner_axes: two-level data parallelism: the mesh axes (a name or a
+      tuple) inside a worker over which the batch is split too, e.g.
+      ``"data"`` with ``axis_name="slice"``. The gradient must arrive SUMMED
+      over them, as JAX's implicit dense all-reduce makes it inside
+      `shard_map` for parameters replicated over them (use
+      ``gs.local_value_and_grad(fun, axis_name)``); it is divided by their
+      size, so with `dense()` the output is the mean over all data-parallel
+      devices. Their dense traffic is counted in ``inner_dense_bytes``.
 
   Returns:
     An `optax.GradientTransformation` whose state is a `SparsifyState`.
@@ -188,13 +250,15 @@ def sparsify(compressor: compressors.Compressor, *, feedback: str = "ef",
     raise ValueError(f"`axis_name` must be a string or None, got "
                      f"{axis_name!r}.")
   memory_dtype = _check_memory_dtype(memory_dtype)
+  inner_axes = _check_inner_axes(inner_axes, axis_name)
   rule = feedback_lib.rule(feedback, momentum)
   workers = workers_lib.Workers(axis_name)
 
   def init_fn(params):
+    _check_leaves(params, "params")
     leaves = jax.tree.leaves(params)
-    _check_leaves(params)
-    segments = plan(leaves, granularity, compressor)
+    # Inside shard_map the parameters' types say how they are sharded.
+    segments = plan(leaves, granularity, compressor, axis_name)
     memories = [rule.init(s.size) for s in segments]
     store = lambda tree: jax.tree.map(lambda m: m.astype(memory_dtype), tree)
     return SparsifyState(
@@ -204,8 +268,7 @@ def sparsify(compressor: compressors.Compressor, *, feedback: str = "ef",
             tuple(s.compressor.init(s.size) for s in segments)),
         shared_memory=store(tuple(shared for _, shared in memories)),
         stats=stats_lib.init_stats(),
-        structure=jax.tree.map(
-            lambda leaf: jnp.asarray(_leaf_size(leaf), jnp.int32), params),
+        structure=jax.tree.map(_structure_leaf, params),
     )
 
   def communicate(segments, count, grads, memory, comp_state, shared_memory
@@ -228,8 +291,8 @@ def sparsify(compressor: compressors.Compressor, *, feedback: str = "ef",
       outs.append(out)
       new_memory.append(stored(worker_mem))
       new_shared.append(stored(shared))
-      sent_values = sent_values + sent.count
-      overflow = overflow + sent.overflow
+      sent_values = sent_values + _per_worker_count(sent.count, segment.axes)
+      overflow = overflow + _per_worker_count(sent.overflow, segment.axes)
     return StepOutcome(outs, tuple(new_memory), tuple(new_comp),
                        tuple(new_shared), sent_values, overflow)
 
@@ -243,16 +306,20 @@ def sparsify(compressor: compressors.Compressor, *, feedback: str = "ef",
 
   def update_fn(updates, state, params=None):
     del params
+    _check_leaves(updates, "updates")
     _check_state(updates, state)
-    _check_leaves(updates)
     leaves, treedef = jax.tree.flatten(updates)
-    segments = plan(leaves, granularity, compressor)
-    _check_segments(state, segments)
+    segments = plan(leaves, granularity, compressor, axis_name)
+    _check_segments(state, segments, updates, axis_name)
+    # The gradient is the sum over the inner devices: make it their mean.
+    inner_scale = 1.0 / axes.num_workers(inner_axes)
     grads = [jnp.concatenate([leaves[i].reshape(-1).astype(jnp.float32)
                               for i in s.leaf_ids]) for s in segments]
+    if inner_scale != 1.0:
+      grads = [g * inner_scale for g in grads]
     operands = (state.count, grads, _local(state.memory),
                 _local(state.compressor_state), state.shared_memory)
-    applied = _all_finite(grads, axis_name, nonfinite)
+    applied = _all_finite(grads, (axis_name, *inner_axes), nonfinite)
     if nonfinite == "ignore":
       outcome = communicate(segments, *operands)
     else:
@@ -260,14 +327,15 @@ def sparsify(compressor: compressors.Compressor, *, feedback: str = "ef",
       # check but one read of the gradient, and a skipped step leaves every
       # memory bit-for-bit as it was. `applied` is the same on all workers.
       outcome = jax.lax.cond(
-          applied, _typed_per_worker(communicate, segments, axis_name),
-          _typed_per_worker(skip, segments, axis_name), *operands)
+          applied, _typed(communicate, segments, axis_name),
+          _typed(skip, segments, axis_name), *operands)
     new_state = state._replace(
         count=state.count + applied.astype(jnp.int32),
         memory=_per_worker(outcome.memory),
         compressor_state=_per_worker(outcome.compressor_state),
         shared_memory=outcome.shared_memory,
-        stats=_record(state.stats, segments, applied, outcome))
+        stats=_record(state.stats, segments, applied, outcome,
+                      bool(inner_axes)))
     return _unflatten(outcome.outputs, leaves, segments, treedef), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -283,15 +351,45 @@ def _local(tree):
   return jax.tree.map(lambda x: x[0], tree)
 
 
-def _record(stats, segments, applied, outcome) -> stats_lib.CommStats:
+def _structure_leaf(leaf) -> jax.Array:
+  """A leaf of `SparsifyState.structure`: its size; the dtype says whether
+  it is compressed (read by `distributed.state_partition_specs`)."""
+  dtype = jnp.int32 if _is_compressible(leaf) else jnp.uint32
+  return jnp.asarray(_leaf_size(leaf), dtype)
+
+
+def is_compressed_structure_leaf(leaf) -> bool:
+  """Whether a `SparsifyState.structure` leaf stands for a compressed leaf."""
+  return jnp.dtype(leaf.dtype) == jnp.int32
+
+
+def _per_worker_count(count: jax.Array, segment_axes) -> jax.Array:
+  """A device's count, made the same on every device of its worker.
+
+  Shards of one worker may count differently (data-dependent payloads); the
+  statistics are per worker, so they keep the shards' mean (rounded). Counts
+  that are the same everywhere (static budgets) cost no collective.
+  """
+  varying = tuple(a for a in segment_axes if axes.is_varying(count, a))
+  if not varying:
+    return count
+  shards = axes.num_workers(varying)
+  return (jax.lax.psum(count, varying) + shards // 2) // shards
+
+
+def _record(stats, segments, applied, outcome, two_level: bool
+            ) -> stats_lib.CommStats:
   """The statistics after this step; the byte figures are static."""
+  dense_bytes = sum(s.size * jnp.dtype(s.wire_dtype).itemsize
+                    for s in segments)
   return stats_lib.record_step(
       stats, applied=applied, sent_values=outcome.sent_values,
       sent_bytes=sum(wire.total_bytes(s.wire()) for s in segments),
       dense_values=sum(s.size for s in segments),
-      dense_bytes=sum(s.size * jnp.dtype(s.wire_dtype).itemsize
-                      for s in segments),
-      overflow_values=outcome.overflow)
+      dense_bytes=dense_bytes,
+      overflow_values=outcome.overflow,
+      # The dense gradient crossed the slice's links in JAX's all-reduce.
+      inner_dense_bytes=dense_bytes if two_level else 0)
 
 
 def _unflatten(outputs, leaves, segments, treedef):
@@ -308,37 +406,67 @@ def _unflatten(outputs, leaves, segments, treedef):
   return jax.tree.unflatten(treedef, new_leaves)
 
 
-def _typed_per_worker(branch, segments, axis_name):
-  """``branch`` with its per-worker outputs typed varying across workers.
+def _typed(branch, segments, axis_name):
+  """``branch`` with every output typed by the axes it may vary over.
 
-  Both branches of `lax.cond` under `shard_map` must agree on whether each
-  output varies across workers; a skipped step returns per-worker state that
-  may be typed replicated (e.g. a constant count), so both are cast alike.
+  Both branches of `lax.cond` under `shard_map` must agree on the axes each
+  output varies over; a skipped step returns constants (zero outputs, a
+  constant count) typed replicated, so both are cast alike: per-worker
+  state varies over the workers and the segment's axes, outputs and shared
+  memory over the segment's axes.
   """
   def typed(*operands):
     outcome = branch(segments, *operands)
-    memory, comp_state, sent_values, overflow = axes.to_varying(
-        (outcome.memory, outcome.compressor_state, outcome.sent_values,
-         outcome.overflow), axis_name)
-    return outcome._replace(memory=memory, compressor_state=comp_state,
-                            sent_values=sent_values, overflow=overflow)
+    per_worker = lambda i: (axis_name, *segments[i].axes)
+    sent_values, overflow = axes.to_varying(
+        (outcome.sent_values, outcome.overflow), axis_name)
+    return outcome._replace(
+        outputs=[axes.to_varying(o, s.axes)
+                 for o, s in zip(outcome.outputs, segments)],
+        memory=tuple(axes.to_varying(m, per_worker(i))
+                     for i, m in enumerate(outcome.memory)),
+        compressor_state=tuple(
+            axes.to_varying(c, per_worker(i))
+            for i, c in enumerate(outcome.compressor_state)),
+        shared_memory=tuple(axes.to_varying(m, s.axes) for m, s in zip(
+            outcome.shared_memory, segments)),
+        sent_values=sent_values, overflow=overflow)
 
   return typed
 
 
-def _all_finite(grads, axis_name, nonfinite) -> jax.Array:
-  """Whether every worker's gradient is finite (the same answer everywhere)."""
+def _all_finite(grads, axis_names, nonfinite) -> jax.Array:
+  """Whether every device's gradient is finite (the same answer everywhere).
+
+  Summed over the workers' and inner axes and every other axis a shard
+  varies over: a NaN in one tensor-parallel shard skips the step on every
+  device, so replicated leaves stay identical.
+  """
   if nonfinite == "ignore" or not grads:
     return jnp.asarray(True)
   # sum(g * 0) is NaN iff g holds a NaN or inf; an arithmetic reduction is
   # several times faster on XLA:CPU than counting a comparison.
   bad = sum((~jnp.isfinite(jnp.sum(g * 0.0))).astype(jnp.int32)
             for g in grads)
-  if axis_name is not None:
-    bad = jax.lax.psum(bad, axis_name)
+  bad = axes.sum_everywhere(bad, [a for a in axis_names if a is not None])
   if nonfinite == "raise":
     jax.debug.callback(_check_nonfinite_raise, bad > 0)
   return bad == 0
+
+
+def _check_inner_axes(inner_axes, axis_name) -> tuple[str, ...]:
+  names = (inner_axes,) if isinstance(inner_axes, str) else inner_axes
+  try:
+    names = tuple(names or ())
+  except TypeError:
+    names = None
+  if names is None or not all(isinstance(a, str) for a in names):
+    raise ValueError("`inner_axes` must be a mesh axis name or a tuple of "
+                     f"names; got {inner_axes!r}.")
+  if axis_name in names:
+    raise ValueError(f"`inner_axes` {names} must not contain the workers' "
+                     f"axis `axis_name`={axis_name!r}.")
+  return names
 
 
 def _check_memory_dtype(memory_dtype) -> Any:
@@ -356,31 +484,31 @@ def _path_name(path) -> str:
   return jax.tree_util.keystr(path) or "<root>"
 
 
-def _check_leaves(tree) -> None:
-  """Every leaf is an array-like of a real dtype (complex is refused)."""
+def _check_leaves(tree, name: str) -> None:
+  """Every leaf of ``tree`` (the argument ``name``) is a real array."""
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     dtype = getattr(leaf, "dtype", None)
     if dtype is None or not hasattr(leaf, "shape"):
       raise TypeError(
-          f"sparsify: leaf {_path_name(path)} is a {type(leaf).__name__}, "
-          "not an array; pass a pytree of arrays.")
+          f"sparsify: `{name}` leaf {_path_name(path)} is a "
+          f"{type(leaf).__name__}, not an array; pass a pytree of arrays.")
     if jnp.issubdtype(dtype, jnp.complexfloating):
       raise ValueError(
-          f"sparsify: leaf {_path_name(path)} has complex dtype {dtype}; "
-          "only real float leaves are compressed (split complex gradients "
-          "into real and imaginary parts).")
+          f"sparsify: `{name}` leaf {_path_name(path)} has complex dtype "
+          f"{dtype}; only real float leaves are compressed (split complex "
+          "gradients into real and imaginary parts).")
 
 
 def _check_state(updates, state) -> None:
   """The state is a `SparsifyState` made for a pytree of this structure."""
   if not isinstance(state, SparsifyState):
-    raise ValueError("sparsify's update got a state that is not a "
+    raise ValueError("sparsify's update got a `state` that is not a "
                      f"SparsifyState: {type(state).__name__}.")
   expected = jax.tree.structure(state.structure)
   got = jax.tree.structure(updates)
   if expected != got:
     raise ValueError(
-        "sparsify: the gradient pytree's structure differs from the one the "
+        "sparsify: the structure of `updates` differs from the one the "
         f"state was initialized with: expected {expected}, got {got}. Call "
         "init with parameters of the same structure as the gradients.")
   sizes = jax.tree.leaves(state.structure)
@@ -389,19 +517,44 @@ def _check_state(updates, state) -> None:
     if not isinstance(size, jax.core.Tracer) and _leaf_size(leaf) != int(
         np.asarray(size)):
       raise ValueError(
-          f"sparsify: leaf {_path_name(path)} has {_leaf_size(leaf)} "
+          f"sparsify: `updates` leaf {_path_name(path)} has {_leaf_size(leaf)} "
           f"entries (shape {tuple(leaf.shape)}); the state was initialized "
           f"for {int(np.asarray(size))}.")
 
 
-def _check_segments(state, segments) -> None:
-  """Per-worker state holds exactly one worker's segments of these sizes."""
+def per_worker_spec(axis_name: str, segment_axes=()) -> P:
+  """The `PartitionSpec` of a per-worker state leaf of a segment.
+
+  Its leading axis (local size 1) is sharded over the workers' axis and
+  the segment's other axes, worker-major: globally one entry per device of
+  the group of devices that hold different state (a worker's tensor-parallel
+  shards), so checkpoints hold all of them.
+  """
+  return P((axis_name, *segment_axes)) if segment_axes else P(axis_name)
+
+
+def shared_spec(segment_axes=()) -> P:
+  """The `PartitionSpec` of a segment's shared (worker-identical) memory:
+  its flat axis sharded over the segment's axes, replicated otherwise."""
+  return P(tuple(segment_axes)) if segment_axes else P()
+
+
+def _check_segments(state, segments, updates, axis_name) -> None:
+  """Per-worker state holds exactly one worker's segments of these sizes,
+  sharded over the axes the gradient's leaves vary over."""
   if len(state.memory) != len(segments) or len(state.compressor_state) != len(
       segments):
+    hint = ""
+    if any(s.axes for s in segments):
+      hint = (" The gradient's leaves are sharded over other mesh axes "
+              f"({sorted({a for s in segments for a in s.axes})}): build the "
+              "state's specs with gs.state_partition_specs(opt_state, "
+              "axis_name, param_specs) and call init inside shard_map with "
+              "the parameters' in_specs.")
     raise ValueError(
         f"sparsify: the state holds {len(state.memory)} compressed segments, "
         f"the gradient has {len(segments)}. Call init with parameters of the "
-        "same structure and dtypes as the gradients.")
+        f"same structure and dtypes as the gradients.{hint}")
   for field in PER_WORKER_FIELDS:
     for path, leaf in jax.tree_util.tree_flatten_with_path(
         getattr(state, field))[0]:
@@ -419,4 +572,48 @@ def _check_segments(state, segments) -> None:
         raise ValueError(
             f"sparsify: segment {index} of the gradient has {segment.size} "
             f"entries, its state memory has {leaf.shape[-1]}. Call init with "
-            "parameters of the same structure as the gradients.")
+            "parameters of the same structure as the gradients (inside "
+            "shard_map: with the same in_specs as the step's parameters).")
+  if axis_name is not None and axes.is_varying(state.stats.steps, axis_name):
+    _check_sharding(state, segments, updates, axis_name)
+
+
+def _check_sharding(state, segments, updates, axis_name) -> None:
+  """The state came through shard_map specs that match the gradient's axes.
+
+  Without this, a spec that forgets an axis the gradient varies over (a
+  tensor-parallel leaf with ``P(axis_name)`` state) fails later in JAX or
+  XLA with an error about shapes or types far from its cause.
+  """
+  paths = [_path_name(p) for p, _ in
+           jax.tree_util.tree_flatten_with_path(updates)[0]]
+  for index, segment in enumerate(segments):
+    leaf_names = ", ".join(paths[i] for i in segment.leaf_ids)
+    fields = (("memory", state.memory[index], True),
+              ("compressor_state", state.compressor_state[index], True),
+              ("shared_memory", state.shared_memory[index], False))
+    for field, tree, per_worker in fields:
+      for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        where = f"{field}[{index}]{jax.tree_util.keystr(path)}"
+        got = axes.sharded_axes(leaf, axis_name)
+        if got == segment.axes:
+          continue
+        spec = (per_worker_spec(axis_name, got) if per_worker
+                else shared_spec(got))
+        expected = (per_worker_spec(axis_name, segment.axes) if per_worker
+                    else shared_spec(segment.axes))
+        missing = sorted(set(segment.axes) - set(got))
+        extra = sorted(set(got) - set(segment.axes))
+        reason = (f"the gradient leaves {leaf_names} vary over mesh axis "
+                  f"{missing[0]!r} (their parameters are sharded over it)"
+                  if missing else
+                  f"the gradient leaves {leaf_names} do not vary over mesh "
+                  f"axis {extra[0]!r} (their parameters are replicated over "
+                  "it)")
+        raise ValueError(
+            f"sparsify: state leaf {where} is sharded as {spec}, but "
+            f"{reason}; it must be {expected}. Build the state's specs with "
+            f"gs.state_partition_specs(opt_state, {axis_name!r}, "
+            "param_specs) from the same parameter specs the "
+            "step gives shard_map, and use them for init's out_specs and the "
+            "step's in_specs/out_specs.")

@@ -20,6 +20,7 @@ import numbers
 from typing import Any, Optional
 
 import jax.numpy as jnp
+import numpy as np
 
 
 def _is_real(value: Any) -> bool:
@@ -95,6 +96,13 @@ def choice(value: Any, name: str, allowed: tuple) -> Any:
         f"`{name}` must be one of {', '.join(map(repr, allowed))}; "
         f"got {value!r}.")
   return value
+
+
+def boolean(value: Any, name: str) -> bool:
+  """True or False (a NumPy bool too)."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"`{name}` must be True or False, got {value!r}.")
+  return bool(value)
 
 
 def dtype(value: Any, name: str, allowed: tuple[str, ...]) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, NoReturn
 
@@ -51,3 +52,45 @@ def bounded(kind: Callable, low=None, high=None, *, low_open=False,
     return value
 
   return parse
+
+
+def check_writable_dir(path: str, option: str) -> None:
+  """Raises `OptionError` unless ``path`` is, or could be made, a directory
+  this process can write; creates nothing."""
+  full = os.path.abspath(path)
+  if os.path.exists(full):
+    if not os.path.isdir(full):
+      raise OptionError(f"{option}: {path} exists and is not a directory")
+    if not os.access(full, os.W_OK | os.X_OK):
+      raise OptionError(f"{option}: directory {path} is not writable")
+    return
+  parent = os.path.dirname(full)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+    raise OptionError(f"{option}: cannot create {path} ({parent} is not a "
+                      "writable directory)")
+
+
+def console():
+  """A rich console on stdout; 160 columns wide when it is not a terminal
+  (rich's default of 80 would fold the tables in logs and pipes)."""
+  from rich.console import Console  # pylint: disable=g-import-not-at-top
+
+  terminal = Console()
+  return terminal if terminal.is_terminal else Console(width=160)
+
+
+def request_cpu_devices(count: int) -> None:
+  """Asks XLA:CPU for ``count`` devices (the workers of a CPU-only machine).
+
+  Does nothing when the number is configured already (``JAX_NUM_CPU_DEVICES``)
+  or JAX has started; the devices JAX has are then used.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if jax.config.jax_num_cpu_devices < 1:  # not configured
+    try:
+      jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:  # a backend is up already
+      pass

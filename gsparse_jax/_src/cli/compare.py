@@ -1,0 +1,352 @@
+"""`gsparse compare`: train one model per compressor and compare them.
+
+Every compressor trains the same Flax NNX model from the same initialization
+on the same batches, with N workers (the devices of a mesh under
+`jax.shard_map`, or simulated with `jax.vmap`). Prints a table (held-out
+accuracy or loss, bytes per step per worker, compression, projected
+communication time at a chosen bandwidth, wall time) and writes
+results.json and PNG plots into --out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Optional
+
+from gsparse_jax._src.cli import common
+
+NAME = "compare"
+HELP = ("train one model per compressor on the same data and compare "
+        "accuracy, bytes sent and projected step time")
+
+DEFAULT_COMPRESSORS = ("dense", "top_k", "rand_k", "reg_top_k", "arc_top_k")
+TASK_NAMES = ("digits-mlp", "digits-cnn", "charlm")
+OPTIMIZER_NAMES = ("adam", "adamw", "sgd", "momentum")
+
+
+def configure(parser) -> None:
+  positive_int = common.bounded(int, 1)
+  positive = common.bounded(float, 0, low_open=True)
+  parser.add_argument("--task", default="digits-mlp", choices=TASK_NAMES,
+                      help="what to train (default: digits-mlp)")
+  parser.add_argument(
+      "--compressors", default=",".join(DEFAULT_COMPRESSORS),
+      help="comma-separated compressor names (see `gsparse info`), or "
+           "'all' (default: %(default)s)")
+  parser.add_argument("--ratio", type=common.bounded(float, 0, 1,
+                                                     low_open=True),
+                      default=0.01, help="fraction of values each worker "
+                      "sends, in (0, 1] (default: 0.01)")
+  parser.add_argument("--feedback", default="ef",
+                      help="error feedback: none, ef, ef21, ef21m "
+                           "(default: ef)")
+  parser.add_argument("--granularity", default="global",
+                      help="global or layer (default: global)")
+  parser.add_argument("--steps", type=positive_int, default=300,
+                      help="optimizer steps (default: 300)")
+  parser.add_argument("--batch-size", type=positive_int, default=16,
+                      help="examples per worker and micro-batch "
+                           "(default: 16)")
+  parser.add_argument("--lr", type=positive, default=3e-3,
+                      help="learning rate (default: 0.003)")
+  parser.add_argument("--optimizer", default="adam", choices=OPTIMIZER_NAMES,
+                      help="applied to the aggregated update (default: adam)")
+  parser.add_argument("--workers", type=positive_int, default=8,
+                      help="data-parallel workers (default: 8)")
+  parser.add_argument("--seed", type=int, default=0,
+                      help="initialization and batches (default: 0)")
+  parser.add_argument("--accumulate", type=positive_int, default=1,
+                      metavar="N", help="micro-batches per optimizer step, "
+                      "compressed and sent once (gs.multi_steps; default: 1)")
+  parser.add_argument("--eval-every", type=positive_int, default=10,
+                      help="score the held-out data every this many steps "
+                           "(default: 10)")
+  parser.add_argument("--checkpoint-dir", default=None,
+                      help="save Orbax checkpoints of every run here")
+  parser.add_argument("--checkpoint-every", type=positive_int, default=50,
+                      help="steps between checkpoints (default: 50)")
+  parser.add_argument("--resume", action="store_true",
+                      help="continue the runs checkpointed in "
+                           "--checkpoint-dir")
+  parser.add_argument("--out", default=os.path.join("results", "compare"),
+                      help="directory for results.json and the plots "
+                           "(default: %(default)s)")
+  parser.add_argument("--bandwidth-gbit", type=positive, default=10.0,
+                      help="link speed for the projected communication "
+                           "time, Gbit/s (default: 10)")
+  parser.add_argument("--simulate", action="store_true",
+                      help="simulate the workers with jax.vmap on one device")
+
+
+def run(args) -> int:
+  names = _check_options(args)
+  devices = _workers_devices(args.workers, args.simulate)
+  settings = _settings(args)
+  _check_checkpoints(args, names, settings)
+
+  # Everything is valid: only now is anything computed or written.
+  from gsparse_jax._src.cli import tasks  # pylint: disable=g-import-not-at-top
+
+  task = tasks.make_task(args.task)
+  os.makedirs(args.out, exist_ok=True)
+  sample = _sample_gradient(task, args.seed)
+  runs = []
+  with _progress() as progress:
+    for name in names:
+      runs.append(_run_one(name, task, settings, args, devices, sample,
+                           progress))
+  config = _config(args, names, settings, runs[0]["num_params"], task)
+  results = {"config": config,
+             "runs": [{k: v for k, v in r.items() if k != "num_params"}
+                      for r in runs]}
+  path = os.path.join(args.out, "results.json")
+  with open(path, "w") as f:
+    json.dump(results, f, indent=1)
+  from gsparse_jax._src.cli import figures  # pylint: disable=g-import-not-at-top
+  pngs = figures.write_figures(
+      args.out, results["runs"], task.metric,
+      f"{task.name}, {args.workers} workers, {args.steps} steps, "
+      f"ratio {args.ratio}")
+  _print_table(results, task.metric)
+  print(f"wrote {path} and {', '.join(os.path.basename(p) for p in pngs)}")
+  return 0
+
+
+def _check_options(args) -> list[str]:
+  """Every check that needs no JAX computation; returns the compressors."""
+  import gsparse_jax as gs  # pylint: disable=g-import-not-at-top
+
+  known = gs.compressor_names()
+  if args.compressors.strip() == "all":
+    names = list(known)
+  else:
+    names = [n.strip() for n in args.compressors.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+      raise common.OptionError(
+          f"--compressors: unknown compressor {unknown[0] if unknown else ''!r}"
+          f"; choose from {', '.join(known)} (comma-separated) or all")
+    if len(set(names)) != len(names):
+      raise common.OptionError("--compressors: a compressor is listed twice")
+  for option, value, build in (
+      ("--feedback", args.feedback,
+       lambda v: gs.sparsify(gs.dense(), feedback=v)),
+      ("--granularity", args.granularity,
+       lambda v: gs.sparsify(gs.dense(), granularity=v))):
+    try:
+      build(value)
+    except ValueError as error:
+      raise common.OptionError(f"{option}: {error}") from None
+  common.check_writable_dir(args.out, "--out")
+  if args.checkpoint_dir is not None:
+    common.check_writable_dir(args.checkpoint_dir, "--checkpoint-dir")
+  elif args.resume:
+    raise common.OptionError("--resume: needs --checkpoint-dir DIR (where "
+                             "the runs were checkpointed)")
+  return names
+
+
+def _workers_devices(workers: int, simulate: bool):
+  """The devices of the workers' mesh (None when simulating)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if simulate:
+    return None
+  common.request_cpu_devices(workers)
+  devices = jax.devices()
+  if len(devices) < workers:
+    raise common.OptionError(
+        f"--workers: {workers} workers need {workers} devices and "
+        f"{len(devices)} are available; lower --workers or add --simulate")
+  return devices[:workers]
+
+
+def _settings(args):
+  from gsparse_jax._src.cli import training  # pylint: disable=g-import-not-at-top
+
+  return training.Settings(
+      task=args.task, ratio=args.ratio, feedback=args.feedback,
+      granularity=args.granularity, batch_size=args.batch_size, lr=args.lr,
+      optimizer=args.optimizer, workers=args.workers, seed=args.seed,
+      accumulate=args.accumulate, simulate=args.simulate,
+      eval_every=args.eval_every)
+
+
+def _run_dir(args, name: str) -> str:
+  return os.path.join(args.checkpoint_dir, name)
+
+
+def _check_checkpoints(args, names, settings) -> None:
+  """A resume continues runs made with the same settings; a fresh start
+  does not overwrite checkpoints. Reads only."""
+  if args.checkpoint_dir is None:
+    return
+  from gsparse_jax._src.cli import training  # pylint: disable=g-import-not-at-top
+
+  metas = {name: training.read_checkpoint_meta(_run_dir(args, name))
+           for name in names}
+  found = {name: meta for name, meta in metas.items() if meta is not None}
+  if not args.resume:
+    if found:
+      raise common.OptionError(
+          f"--checkpoint-dir: {args.checkpoint_dir} already holds "
+          f"checkpoints ({', '.join(found)}); add --resume to continue them "
+          "or choose another directory")
+    return
+  if not found:
+    raise common.OptionError(f"--resume: no checkpoint of these compressors "
+                             f"in {args.checkpoint_dir}")
+  current = dataclasses.asdict(settings)
+  for name, meta in found.items():
+    for key, value in meta["settings"].items():
+      if current.get(key) != value:
+        option = "--" + key.replace("_", "-")
+        raise common.OptionError(
+            f"--resume: {name} was checkpointed with {option} {value}, "
+            f"not {current.get(key)}; resume with the same options")
+    if meta["step"] > args.steps:
+      raise common.OptionError(
+          f"--steps: {args.steps} is below step {meta['step']} of the "
+          f"checkpoint of {name}")
+
+
+def cost_layout(name: str, compressor) -> Optional[str]:
+  """The `gs.cost_model` layout that prices one step of ``compressor``.
+
+  The compressor's aggregation layout, except that ARC-Top-K's aligned rows
+  also pay for the all-reduce of its sketch (the model's ``"arc"``). None
+  when the cost model has no layout for it.
+  """
+  from gsparse_jax import cost_model  # pylint: disable=g-import-not-at-top
+
+  layout = "arc" if name == "arc_top_k" else getattr(compressor, "layout",
+                                                     None)
+  return layout if layout in cost_model.LAYOUTS else None
+
+
+def _sample_gradient(task, seed):
+  """A gradient of the freshly initialized model (for compressors that
+  calibrate on one, e.g. hard_threshold)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  model = task.make_model(seed)
+  x, y = task.batch(seed, 0, (16,))
+  return nnx.grad(task.loss)(model, x, y)
+
+
+def _run_one(name, task, settings, args, devices, sample, progress) -> dict:
+  import gsparse_jax as gs  # pylint: disable=g-import-not-at-top
+  from gsparse_jax._src.cli import training  # pylint: disable=g-import-not-at-top
+
+  compressor = gs.compressor_from_ratio(name, args.ratio, sample)
+  run = training.Run(task, compressor, settings, devices)
+  checkpoints, start, curves, wall_s = None, 0, None, 0.0
+  if args.checkpoint_dir is not None:
+    checkpoints = training.Checkpoints(
+        _run_dir(args, name), args.checkpoint_every,
+        dataclasses.asdict(settings))
+    if args.resume and checkpoints.latest_step() is not None:
+      run.state, curves, wall_s, start = checkpoints.restore(run.state)
+  bar = progress.add_task(name, total=args.steps, completed=start, loss=0.0,
+                          sent=0.0)
+  outcome = run.train(
+      args.steps, start=start, curves=curves, wall_s=wall_s,
+      checkpoints=checkpoints,
+      on_step=lambda p: progress.update(bar, completed=p.step, loss=p.loss,
+                                        sent=p.sent_bytes))
+  stats = outcome.stats
+  network = gs.cost_model.network_from_gbit(args.bandwidth_gbit)
+  layout = cost_layout(name, compressor)
+  projected = None if layout is None else gs.cost_model.project_step(
+      outcome.num_params, args.workers, network, layout,
+      ratio=args.ratio).total_s
+  return {
+      "compressor": name,
+      "feedback": args.feedback,
+      "final_loss": outcome.final_loss,
+      "final_accuracy": outcome.final_accuracy,
+      "bytes_per_step_per_worker": stats["sent_bytes"] / args.steps,
+      "dense_bytes_per_step_per_worker": stats["dense_bytes"] / args.steps,
+      "compression": stats["compression"],
+      "cost_layout": layout,
+      "projected_comm_s": projected,
+      "wall_s": outcome.wall_s,
+      "curves": outcome.curves._asdict(),
+      "num_params": outcome.num_params,
+  }
+
+
+def _config(args, names, settings, num_params, task) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+
+  config = dataclasses.asdict(settings)
+  config.update(
+      task_summary=task.summary, metric=task.metric, compressors=names,
+      steps=args.steps, bandwidth_gbit=args.bandwidth_gbit,
+      num_params=num_params,
+      mapping="vmap (simulated)" if args.simulate else "shard_map",
+      backend=jax.default_backend())
+  return config
+
+
+class _NoProgress:
+  """Stands in for a rich progress display when stderr is not a terminal."""
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
+
+  def add_task(self, *args, **kwargs):
+    return 0
+
+  def update(self, *args, **kwargs):
+    pass
+
+
+def _progress():
+  from rich import progress  # pylint: disable=g-import-not-at-top
+  from rich.console import Console  # pylint: disable=g-import-not-at-top
+
+  console = Console(stderr=True)
+  if not console.is_terminal:
+    return _NoProgress()
+  return progress.Progress(
+      progress.TextColumn("{task.description:<14}"), progress.BarColumn(),
+      progress.MofNCompleteColumn(),
+      progress.TextColumn("loss {task.fields[loss]:.4f}"),
+      progress.TextColumn("sent {task.fields[sent]:,.0f} B"),
+      progress.TimeElapsedColumn(), console=console)
+
+
+def _print_table(results: dict, metric: str) -> None:
+  from rich.table import Table  # pylint: disable=g-import-not-at-top
+
+  config = results["config"]
+  table = Table(title=(
+      f"{config['task']}: {config['task_summary']}\n{config['workers']} "
+      f"workers ({config['mapping']}), {config['steps']} steps, batch "
+      f"{config['batch_size']}/worker, ratio {config['ratio']}, "
+      f"{config['optimizer']} lr {config['lr']}, "
+      f"{config['num_params']:,} parameters"))
+  first, second = (("test acc", "final_accuracy"), ("test loss", "final_loss"))
+  if metric == "loss":
+    first, second = second, first
+  for header in ("compressor", "feedback"):
+    table.add_column(header, no_wrap=True)
+  for header in (first[0], second[0], "bytes/step/worker", "vs dense",
+                 f"comm/step @{config['bandwidth_gbit']:g} Gbit/s (model)",
+                 "wall s"):
+    table.add_column(header, justify="right")
+  for run in results["runs"]:
+    projected = run["projected_comm_s"]
+    table.add_row(
+        run["compressor"], run["feedback"], f"{run[first[1]]:.4f}",
+        f"{run[second[1]]:.4f}", f"{run['bytes_per_step_per_worker']:,.0f}",
+        f"{run['compression']:.1f}x",
+        "n/a" if projected is None else f"{projected * 1e3:.3f} ms",
+        f"{run['wall_s']:.1f}")
+  common.console().print(table)

@@ -1,0 +1,352 @@
+"""One training run of `gsparse compare`: a compressor on a task, N workers.
+
+The model is a Flax NNX module trained with ``nnx.Optimizer(model, tx,
+wrt=nnx.Param)`` where ``tx = optax.chain(gs.sparsify(...), optimizer)``
+(wrapped in `gs.multi_steps` for gradient accumulation). The workers are the
+devices of a mesh under `jax.shard_map`, or, simulated, the entries of a
+`jax.vmap` on one device; both keep the same global state layout (per-worker
+leaves with a leading axis of one slice per worker), so the Orbax
+checkpoints hold every worker's error memory.
+
+The run checkpoints its whole state, the step (its data position: batches
+are a function of the step) and its curves, so a resumed run ends with the
+same figures, bit for bit, as one that was never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import gsparse_jax as gs
+from gsparse_jax._src.cli import tasks as tasks_lib
+
+AXIS = "workers"
+
+OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
+    "adam": optax.adam,
+    "adamw": optax.adamw,
+    "sgd": optax.sgd,
+    "momentum": lambda lr: optax.sgd(lr, momentum=0.9),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What defines a run besides the compressor (all saved with checkpoints).
+
+  Attributes mirror the options of `gsparse compare`; ``batch_size`` is
+  per worker and micro-batch, ``steps`` counts optimizer steps.
+  """
+
+  task: str
+  ratio: float
+  feedback: str
+  granularity: str
+  batch_size: int
+  lr: float
+  optimizer: str
+  workers: int
+  seed: int
+  accumulate: int
+  simulate: bool
+  eval_every: int
+
+
+def make_tx(compressor: gs.Compressor, settings: Settings
+            ) -> optax.GradientTransformation:
+  """``optax.chain(gs.sparsify(...), optimizer)``, accumulated if asked."""
+  tx = optax.chain(
+      gs.sparsify(compressor, feedback=settings.feedback, axis_name=AXIS,
+                  granularity=settings.granularity),
+      OPTIMIZERS[settings.optimizer](settings.lr))
+  return (gs.multi_steps(tx, settings.accumulate) if settings.accumulate > 1
+          else tx)
+
+
+class Curves(NamedTuple):
+  """Per-step figures of a run (lists, JSON-ready).
+
+  Attributes:
+    step: 1..steps.
+    loss: mean training loss of each step (over workers and micro-batches).
+    eval_step: the steps at which the held-out data was scored.
+    eval_loss, eval_accuracy: the held-out scores there.
+    eval_bytes: cumulative bytes one worker had sent by then.
+  """
+
+  step: list
+  loss: list
+  eval_step: list
+  eval_loss: list
+  eval_accuracy: list
+  eval_bytes: list
+
+  @classmethod
+  def empty(cls):
+    return cls([], [], [], [], [], [])
+
+  def with_eval(self, step, loss, accuracy, sent_bytes) -> "Curves":
+    return self._replace(eval_step=self.eval_step + [step],
+                         eval_loss=self.eval_loss + [loss],
+                         eval_accuracy=self.eval_accuracy + [accuracy],
+                         eval_bytes=self.eval_bytes + [sent_bytes])
+
+
+class Outcome(NamedTuple):
+  """The end of a run: final held-out scores, statistics and curves."""
+
+  final_loss: float
+  final_accuracy: float
+  stats: dict
+  curves: Curves
+  wall_s: float
+  num_params: int
+
+
+class Progress(NamedTuple):
+  """What the run reports after each step (for a progress bar)."""
+
+  step: int
+  loss: float
+  sent_bytes: float
+
+
+class Run:
+  """A model, its optimizer and the compiled step of one compressor.
+
+  Args:
+    task: the `tasks.Task`.
+    compressor: the `gs.Compressor` every worker uses.
+    settings: the `Settings`.
+    devices: the devices of the mesh (shard_map), unused when simulating.
+  """
+
+  def __init__(self, task: tasks_lib.Task, compressor: gs.Compressor,
+               settings: Settings, devices):
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+
+    self.task, self.settings = task, settings
+    model = task.make_model(settings.seed)
+    self.num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(
+        nnx.state(model, nnx.Param)))
+    self.model_graphdef, _ = nnx.split(model)
+    optimizer = nnx.Optimizer(model, make_tx(compressor, settings),
+                              wrt=nnx.Param)
+    if settings.simulate:
+      # One device; per-worker leaves get one slice per worker, as under
+      # shard_map, and everything else stays unbatched.
+      self.mesh = None
+      self.specs = gs.nnx_partition_specs((model, optimizer), AXIS)
+      self.graphdef, state = nnx.split((model, optimizer))
+      self.state = jax.tree.map(
+          lambda leaf, spec: leaf if spec == P() else jax.numpy.repeat(
+              leaf, settings.workers, axis=0), state, self.specs)
+    else:
+      self.mesh = jax.make_mesh((settings.workers,), (AXIS,),
+                                devices=list(devices)[:settings.workers])
+      self.graphdef, self.state, self.specs = gs.nnx_shard(
+          (model, optimizer), self.mesh, AXIS)
+    key = (task.name, compressor, settings,
+           None if self.mesh is None else tuple(self.mesh.devices.flat))
+    if key not in _COMPILED:
+      _COMPILED[key] = _compile(self.graphdef, self.model_graphdef,
+                                self.specs, task, settings, self.mesh)
+    self._step, self._evaluate = _COMPILED[key]
+
+  def batch(self, step: int):
+    """Global inputs and targets of optimizer step ``step`` (0-based)."""
+    s = self.settings
+    x, y = self.task.batch(s.seed, step,
+                           (s.workers, s.accumulate, s.batch_size))
+    if s.simulate:
+      return jax.device_put((x, y), jax.devices()[0])
+    return jax.device_put((x, y), NamedSharding(self.mesh, P(AXIS)))
+
+  def optimizer(self):
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+    return nnx.merge(self.graphdef, self.state)[1]
+
+  def stats(self) -> dict:
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+    return gs.comm_stats(nnx.as_pure(self.optimizer().opt_state))
+
+  def evaluate(self) -> tuple[float, float]:
+    """Held-out (loss, accuracy) of the current parameters, on one device."""
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+
+    model, _ = nnx.merge(self.graphdef, self.state)
+    # Host copies: the score does not depend on how the state is sharded.
+    loss, accuracy = self._evaluate(jax.device_get(nnx.state(model)))
+    return float(loss), float(accuracy)
+
+  def train(self, steps: int, *, start: int = 0,
+            curves: Optional[Curves] = None, wall_s: float = 0.0,
+            on_step: Callable[[Progress], None] = lambda p: None,
+            checkpoints: Optional["Checkpoints"] = None) -> Outcome:
+    """Trains from step ``start`` (its state and curves) up to ``steps``."""
+    curves = curves or Curves.empty()
+    every = self.settings.eval_every
+    sent = curves.eval_bytes[-1] if curves.eval_bytes else 0.0
+    for step in range(start, steps):
+      began = time.perf_counter()
+      x, y = self.batch(step)
+      self.state, loss = self._step(self.state, x, y)
+      # Blocking each step keeps XLA:CPU's collectives of 8 virtual devices
+      # from stalling on few cores; the loss is needed here anyway.
+      loss = float(loss)
+      done = step + 1
+      curves.step.append(done)
+      curves.loss.append(loss)
+      if done % every == 0:
+        sent = self.stats()["sent_bytes"]
+        curves = curves.with_eval(done, *self.evaluate(), sent)
+      wall_s += time.perf_counter() - began
+      on_step(Progress(done, loss, sent))
+      if checkpoints is not None and checkpoints.due(done, steps):
+        checkpoints.save(done, self.state, curves, wall_s)
+    began = time.perf_counter()
+    final_loss, final_accuracy = self.evaluate()
+    stats = self.stats()
+    if not curves.eval_step or curves.eval_step[-1] != steps:
+      # The end of a run whose length is not a multiple of --eval-every.
+      curves = curves.with_eval(steps, final_loss, final_accuracy,
+                                stats["sent_bytes"])
+    wall_s += time.perf_counter() - began
+    if checkpoints is not None:
+      checkpoints.close()
+    return Outcome(final_loss, final_accuracy, stats, curves, wall_s,
+                   self.num_params)
+
+
+# Jitted (step, evaluate) per (task, compressor, settings, devices): runs of
+# one configuration in one process (tests, notebooks) compile once.
+_COMPILED: dict = {}
+
+
+def _body(graphdef, task, settings, state, x, y):
+  """One optimizer step of one worker on its local micro-batches."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  model, optimizer = nnx.merge(graphdef, state)
+  grad_fn = gs.nnx_local_value_and_grad(task.loss, AXIS)
+  total = 0.0
+  for micro in range(settings.accumulate):
+    loss, grads = grad_fn(model, x[micro], y[micro])
+    optimizer.update(model, grads)  # communicates on the last micro-batch
+    total = total + loss
+  loss = jax.lax.pmean(total / settings.accumulate, AXIS)
+  return nnx.state((model, optimizer)), loss
+
+
+def _compile(graphdef, model_graphdef, specs, task, settings, mesh):
+  """The jitted training step and held-out evaluation of a run."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  evaluate = jax.jit(lambda model_state: task.evaluate(
+      nnx.merge(model_graphdef, model_state)))
+  body = functools.partial(_body, graphdef, task, settings)
+  if not settings.simulate:
+    return jax.jit(jax.shard_map(
+        lambda state, x, y: body(state, x[0], y[0]), mesh=mesh,
+        in_specs=(specs, P(AXIS), P(AXIS)),
+        out_specs=(specs, P()))), evaluate
+  mask = jax.tree.map(lambda spec: spec != P(), specs)
+  axes = jax.tree.map(lambda per_worker: 0 if per_worker else None, mask)
+
+  def worker(state, x, y):
+    # vmap drops the worker axis; sparsify keeps a local one of size 1.
+    state = jax.tree.map(lambda leaf, m: leaf[None] if m else leaf, state,
+                         mask)
+    state, loss = body(state, x, y)
+    return jax.tree.map(lambda leaf, m: leaf[0] if m else leaf, state,
+                        mask), loss
+
+  return jax.jit(jax.vmap(worker, in_axes=(axes, 0, 0),
+                          out_axes=(axes, None), axis_name=AXIS)), evaluate
+
+
+class Checkpoints:
+  """The Orbax checkpoints of one run, in their own directory.
+
+  Each checkpoint holds the NNX state (parameters and the whole optax state:
+  every worker's error memory, compressor state and statistics) and, as
+  JSON, the step, the curves, the wall time so far and the run's settings.
+
+  Args:
+    directory: where the run's checkpoints live (created on first save).
+    every: save every this many steps (and at the last step).
+    settings: the run's `Settings` (as a dict), saved to check a resume.
+  """
+
+  def __init__(self, directory: str, every: int, settings: dict):
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+    self._ocp, self.every, self.settings = ocp, every, settings
+    self.manager = ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(max_to_keep=2))
+
+  def due(self, step: int, steps: int) -> bool:
+    return step % self.every == 0 or step == steps
+
+  def save(self, step: int, state, curves: Curves, wall_s: float) -> None:
+    ocp = self._ocp
+    # Copies: the run keeps appending to its curves while Orbax writes.
+    meta = {"step": step, "wall_s": wall_s, "settings": dict(self.settings),
+            "curves": {k: list(v) for k, v in curves._asdict().items()}}
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def restore(self, like_state) -> tuple[Any, Curves, float, int]:
+    """(state, curves, wall_s, step) of the latest checkpoint.
+
+    ``like_state``: a state of the same structure, shapes and shardings.
+    """
+    ocp = self._ocp
+    step = self.manager.latest_step()
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract),
+        meta=ocp.args.JsonRestore()))
+    meta = restored.meta
+    return (restored.state, Curves(**meta["curves"]), meta["wall_s"],
+            meta["step"])
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def read_checkpoint_meta(directory: str) -> Optional[dict]:
+  """The JSON part of the latest checkpoint in ``directory`` (None if none).
+
+  Reads only: used to check a ``--resume`` before anything is written.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  if not os.path.isdir(directory):
+    return None
+  manager = ocp.CheckpointManager(
+      os.path.abspath(directory),
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+  try:
+    step = manager.latest_step()
+    if step is None:
+      return None
+    return manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore())).meta
+  finally:
+    manager.close()

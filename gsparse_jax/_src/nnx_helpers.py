@@ -1,0 +1,173 @@
+"""Flax NNX under `jax.shard_map`: split, shard and differentiate locally.
+
+An `nnx.Optimizer` whose ``tx`` chains `gsparse_jax.sparsify` holds one error
+memory per worker. To train data-parallel under `jax.shard_map`, the NNX
+objects are split into a graph definition and a state pytree whose
+per-worker leaves are sharded over the workers' axis and whose other leaves
+(parameters, Adam's moments, counters) are replicated; inside the step, the
+gradient must stay local so that `sparsify` compresses it. Three helpers:
+
+* `nnx_partition_specs`: the `PartitionSpec` of every leaf of
+  ``nnx.state(node)``;
+* `nnx_shard`: ``nnx.split`` plus those specs plus the state placed on the
+  mesh (each worker gets its own slice of the per-worker leaves);
+* `nnx_local_value_and_grad`: `nnx.value_and_grad` that returns this
+  worker's local gradient (see `gsparse_jax.local_value_and_grad`).
+
+A step is then (``examples/flax_nnx.py`` is a complete loop)::
+
+  graphdef, state, specs = gs.nnx_shard((model, optimizer), mesh, "data")
+
+  @jax.jit
+  @functools.partial(jax.shard_map, mesh=mesh,
+                     in_specs=(specs, P("data"), P("data")),
+                     out_specs=(specs, P()))
+  def step(state, x, y):
+    model, optimizer = nnx.merge(graphdef, state)
+    loss, grads = gs.nnx_local_value_and_grad(loss_fn, "data")(model, x, y)
+    optimizer.update(model, grads)
+    return nnx.state((model, optimizer)), jax.lax.pmean(loss, "data")
+
+Flax is an optional dependency: it is imported when a helper is called.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from gsparse_jax._src import distributed
+
+
+def _path_entry(key) -> Any:
+  """A `jax.tree_util` key as the plain entry of an NNX state path."""
+  for attribute in ("key", "idx", "name"):  # DictKey, SequenceKey, GetAttrKey
+    if hasattr(key, attribute):
+      return getattr(key, attribute)
+  raise TypeError(f"unexpected pytree key {key!r}")
+
+
+def _per_worker_paths(node, axis_name: str) -> set[tuple]:
+  """State paths of the per-worker leaves of every `nnx.Optimizer` in node."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  paths = set()
+  for prefix, child in nnx.iter_graph(node):
+    if not isinstance(child, nnx.Optimizer):
+      continue
+    # NNX keeps the optax state's structure in `opt_state` and stores it in
+    # the flat state under the same entries (NamedTuple fields by name).
+    specs = distributed.state_partition_specs(
+        nnx.as_pure(child.opt_state), axis_name)
+    for path, spec in jax.tree_util.tree_flatten_with_path(specs)[0]:
+      if spec != P():
+        paths.add(tuple(prefix) + ("opt_state",)
+                  + tuple(_path_entry(k) for k in path))
+  return paths
+
+
+def nnx_partition_specs(node: Any, axis_name: str) -> Any:
+  """PartitionSpecs of ``nnx.state(node)`` for data parallelism.
+
+  The per-worker leaves of the optimizer state of every `nnx.Optimizer` in
+  ``node`` (as `gsparse_jax.state_partition_specs` and `multi_steps` define
+  them: error memory, compressor state, statistics, accumulators) get
+  ``P(axis_name)``; every other leaf (parameters, the rest of the optimizer
+  state, other variables) gets ``P()``.
+
+  Args:
+    node: NNX objects, e.g. ``(model, optimizer)``.
+    axis_name: the mesh axis of the workers.
+
+  Returns:
+    An `nnx.State` with the structure of ``nnx.state(node)`` holding a
+    `PartitionSpec` per leaf, for the ``in_specs``/``out_specs`` of
+    `jax.shard_map`.
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  per_worker = _per_worker_paths(node, axis_name)
+  flat = nnx.to_flat_state(nnx.state(node))
+  return nnx.from_flat_state([
+      (path, variable.replace(P(axis_name) if tuple(path) in per_worker
+                              else P()))
+      for path, variable in flat])
+
+
+def nnx_shard(node: Any, mesh: jax.sharding.Mesh, axis_name: str
+              ) -> tuple[Any, Any, Any]:
+  """Splits NNX objects into a graph definition and a sharded state.
+
+  Per-worker leaves (see `nnx_partition_specs`) are laid out with a leading
+  axis of one slice per worker and sharded over ``axis_name``; a leaf that
+  still has the single slice ``tx.init`` gives (every worker starts from the
+  same state) is copied to each worker. Other leaves are replicated.
+
+  Args:
+    node: NNX objects, e.g. ``(model, optimizer)``.
+    mesh: the device mesh.
+    axis_name: the mesh axis of the workers.
+
+  Returns:
+    ``(graphdef, state, specs)``: ``nnx.merge(graphdef, state)`` rebuilds
+    ``node`` inside the step, and ``specs`` are the ``in_specs`` and
+    ``out_specs`` of ``state`` for `jax.shard_map`.
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  specs = nnx_partition_specs(node, axis_name)
+  graphdef, state = nnx.split(node)
+  workers = mesh.shape[axis_name]
+
+  def place(leaf, spec):
+    sharding = NamedSharding(mesh, spec)
+    if spec == P() or leaf.shape[0] == workers:
+      return jax.device_put(leaf, sharding)
+    if leaf.shape[0] != 1:
+      raise ValueError(
+          f"nnx_shard: a per-worker leaf has leading size {leaf.shape[0]}; "
+          f"expected 1 (as tx.init makes it) or {workers} workers.")
+    one = np.asarray(leaf)
+    # Each device receives its own copy: no [workers, ...] array on one device.
+    return jax.make_array_from_callback((workers,) + one.shape[1:], sharding,
+                                        lambda index: one)
+
+  return graphdef, jax.tree.map(place, state, specs), specs
+
+
+def nnx_local_value_and_grad(fun: Callable, axis_name: str, *,
+                             wrt: Any = None, has_aux: bool = False
+                             ) -> Callable:
+  """`nnx.value_and_grad` with respect to the model, LOCAL to this worker.
+
+  Like `gsparse_jax.local_value_and_grad`: inside `jax.shard_map` the
+  replicated parameters are cast to per-worker before differentiating, so
+  JAX does not all-reduce the gradient densely behind `sparsify`'s back.
+
+  Args:
+    fun: ``fun(model, *args) -> loss`` (or ``(loss, aux)`` with has_aux).
+    axis_name: the workers' axis.
+    wrt: the NNX filter of the differentiated variables (default
+      ``nnx.Param``), as given to ``nnx.Optimizer(..., wrt=...)``.
+    has_aux: whether ``fun`` returns ``(loss, aux)``.
+
+  Returns:
+    ``grad_fn(model, *args) -> (value, grads)`` where ``grads`` is the
+    `nnx.State` of the ``wrt`` variables, ready for
+    ``optimizer.update(model, grads)``.
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  wrt = nnx.Param if wrt is None else wrt
+
+  def grad_fn(model, *args, **kwargs):
+    graphdef, params, rest = nnx.split(model, wrt, ...)
+    loss = lambda p: fun(nnx.merge(graphdef, p, rest), *args, **kwargs)
+    return distributed.local_value_and_grad(loss, axis_name,
+                                            has_aux=has_aux)(params)
+
+  return grad_fn

@@ -1,0 +1,292 @@
+"""The `gsparse` command: compare end to end, bad options, resume, info, bench.
+
+Runs in-process through `gsparse_jax.cli.main` on the 8 CPU devices of the
+test session, with tiny settings (a few dozen steps of the digits MLP).
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+import types
+
+import jax
+import matplotlib.image
+import numpy as np
+import pytest
+
+import gsparse_jax as gs
+from gsparse_jax import cli
+from gsparse_jax._src.cli import bench
+from gsparse_jax._src.cli import training
+
+MLP_PARAMS = 64 * 128 + 128 + 128 * 128 + 128 + 128 * 10 + 10  # 26,122
+TINY = ["--batch-size", "8", "--eval-every", "8"]
+RUN_KEYS = {"compressor", "feedback", "final_loss", "final_accuracy",
+            "bytes_per_step_per_worker", "compression", "wall_s", "curves"}
+
+
+def gsparse(*argv) -> int:
+  """Exit code of ``gsparse ARGV`` (argparse's errors exit by SystemExit).
+
+  Runs with standard dtype promotion, as the command does for a user: its
+  optimizers come from optax, whose adam is not clean under the suite's
+  strict promotion (see tests/conftest.py).
+  """
+  try:
+    with jax.numpy_dtype_promotion("standard"):
+      return cli.main([str(a) for a in argv])
+  except SystemExit as exit_:
+    return exit_.code
+
+
+def _results(out) -> dict:
+  with open(os.path.join(out, "results.json")) as f:
+    return json.load(f)
+
+
+def _without_wall_time(results: dict) -> dict:
+  return {"config": results["config"],
+          "runs": [{k: v for k, v in run.items() if k != "wall_s"}
+                   for run in results["runs"]]}
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+  """One `gsparse compare` of dense and top_k: (results, stdout, out)."""
+  out = tmp_path_factory.mktemp("compare")
+  capture = tmp_path_factory.mktemp("stdout") / "stdout.txt"
+  with open(capture, "w") as f:
+    saved, sys.stdout = sys.stdout, f
+    try:
+      code = gsparse("compare", "--compressors", "dense,top_k", "--steps",
+                     24, "--out", out, *TINY)
+    finally:
+      sys.stdout = saved
+  assert code == 0
+  return _results(out), capture.read_text(), out
+
+
+def test_compare_prints_the_table_and_writes_results_and_plots(compared):
+  results, stdout, out = compared
+  for text in ("dense", "top_k", "test acc", "bytes/step/worker",
+               "vs dense", "Gbit/s", "results.json"):
+    assert text in stdout
+  config, runs = results["config"], results["runs"]
+  assert config["task"] == "digits-mlp" and config["workers"] == 8
+  assert config["num_params"] == MLP_PARAMS
+  assert [run["compressor"] for run in runs] == ["dense", "top_k"]
+  for run in runs:
+    assert RUN_KEYS <= set(run)
+    assert run["curves"]["step"] == list(range(1, 25))
+    assert run["curves"]["eval_step"] == [8, 16, 24]
+    assert run["final_accuracy"] == run["curves"]["eval_accuracy"][-1]
+    assert run["final_accuracy"] > 0.3  # chance is 0.1
+  dense, top_k = runs
+  # Hand-computed: dense sends every float32; top_k(0.01) sends
+  # round(0.01 * 26,122) = 261 (float32 value, int32 index) pairs.
+  assert dense["bytes_per_step_per_worker"] == MLP_PARAMS * 4
+  assert top_k["bytes_per_step_per_worker"] == 261 * 8
+  assert top_k["compression"] == pytest.approx(MLP_PARAMS * 4 / (261 * 8))
+  assert top_k["curves"]["eval_bytes"] == [8 * 261 * 8, 16 * 261 * 8,
+                                           24 * 261 * 8]
+  for name in ("accuracy_vs_step.png", "accuracy_vs_bytes.png",
+               "bytes_per_step.png"):
+    image = matplotlib.image.imread(out / name)
+    assert image.shape[0] > 200 and image.shape[1] > 300
+    assert image[..., :3].std() > 0.05  # not a blank canvas
+
+
+def test_simulated_workers_match_shard_map(compared, tmp_path):
+  results, _, _ = compared
+  out = tmp_path / "simulated"
+  assert gsparse("compare", "--compressors", "top_k", "--steps", 24,
+                 "--simulate", "--out", out, *TINY) == 0
+  (simulated,) = _results(out)["runs"]
+  shard_map = results["runs"][1]
+  assert simulated["bytes_per_step_per_worker"] == shard_map[
+      "bytes_per_step_per_worker"]
+  np.testing.assert_allclose(simulated["curves"]["loss"],
+                             shard_map["curves"]["loss"], rtol=1e-4)
+
+
+def test_accumulation_equals_the_larger_batch_and_sends_once(compared,
+                                                             tmp_path):
+  """Two micro-batches of 4 per step: the same examples and mean gradient
+  as one batch of 8 (batches are drawn in that order), the same bytes."""
+  results, _, _ = compared
+  assert gsparse("compare", "--compressors", "top_k", "--steps", 24,
+                 "--eval-every", 8, "--batch-size", 4, "--accumulate", 2,
+                 "--out", tmp_path) == 0
+  (accumulated,) = _results(tmp_path)["runs"]
+  one_batch = results["runs"][1]
+  assert accumulated["bytes_per_step_per_worker"] == 261 * 8
+  np.testing.assert_allclose(accumulated["curves"]["loss"],
+                             one_batch["curves"]["loss"], rtol=1e-4)
+  np.testing.assert_allclose(accumulated["final_loss"],
+                             one_batch["final_loss"], rtol=1e-4)
+
+
+BAD_OPTIONS = [
+    (["--compressors", "top_k,nope"], "--compressors"),
+    (["--task", "imagenet"], "--task"),
+    (["--ratio", "7"], "--ratio"),
+    (["--steps", "0"], "--steps"),
+    (["--out", "blocker/results"], "--out"),
+    (["--checkpoint-dir", "blocker"], "--checkpoint-dir"),
+    (["--feedback", "sometimes"], "--feedback"),
+    (["--granularity", "tensor"], "--granularity"),
+    (["--optimizer", "lion"], "--optimizer"),
+    (["--lr", "-1"], "--lr"),
+    (["--accumulate", "0"], "--accumulate"),
+    (["--workers", "64"], "--workers"),
+    (["--resume"], "--resume"),
+    (["--resume", "--checkpoint-dir", "empty"], "--resume"),
+]
+
+
+@pytest.mark.parametrize("argv, option", BAD_OPTIONS)
+def test_bad_option_is_one_line_exit_2_and_writes_nothing(
+    argv, option, tmp_path, monkeypatch, capsys):
+  monkeypatch.chdir(tmp_path)  # the default --out is relative
+  (tmp_path / "blocker").write_text("a file, not a directory")
+  (tmp_path / "empty").mkdir()
+  before = sorted(tmp_path.rglob("*"))
+  assert gsparse("compare", *argv) == 2
+  captured = capsys.readouterr()
+  lines = captured.err.strip().splitlines()
+  assert len(lines) == 1 and option in lines[0], captured.err
+  assert "Traceback" not in captured.err + captured.out
+  assert sorted(tmp_path.rglob("*")) == before
+
+
+def _record_steps(monkeypatch) -> list:
+  """Records the step of every batch drawn (the data position)."""
+  steps = []
+  batch = training.Run.batch
+
+  def recorded(self, step):
+    steps.append(step)
+    return batch(self, step)
+
+  monkeypatch.setattr(training.Run, "batch", recorded)
+  return steps
+
+
+# RegTop-k's state and EF21-SGDM's memories must survive the checkpoint.
+RESUMED = ["--compressors", "reg_top_k", "--feedback", "ef21m", *TINY]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  """results.json of one uninterrupted 80-step run, without wall times."""
+  out = tmp_path_factory.mktemp("straight")
+  assert gsparse("compare", *RESUMED, "--steps", 80, "--out", out) == 0
+  return _without_wall_time(_results(out))
+
+
+def test_resume_ends_bit_identical_to_an_uninterrupted_run(
+    straight, tmp_path, monkeypatch):
+  checkpoints = tmp_path / "checkpoints"
+  options = [*RESUMED, "--checkpoint-every", 20, "--checkpoint-dir",
+             checkpoints]
+  steps = _record_steps(monkeypatch)
+  assert gsparse("compare", *options, "--steps", 40, "--out",
+                 tmp_path / "first") == 0
+  assert steps == list(range(40))
+  # Continuing needs --resume and the same options.
+  assert gsparse("compare", *options, "--steps", 80, "--out",
+                 tmp_path / "x") == 2
+  assert gsparse("compare", *options, "--steps", 80, "--lr", 0.01,
+                 "--resume", "--out", tmp_path / "x") == 2
+  assert not (tmp_path / "x").exists()
+  steps.clear()
+  assert gsparse("compare", *options, "--steps", 80, "--resume", "--out",
+                 tmp_path / "resumed") == 0
+  assert steps == list(range(40, 80))  # from the checkpoint's position
+  assert _without_wall_time(_results(tmp_path / "resumed")) == straight
+
+
+def _finished_checkpoints(directory: pathlib.Path) -> list[int]:
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def test_resume_after_the_process_is_killed(tmp_path):
+  """SIGKILL a long run once it has checkpointed and resume it 10 steps
+  further: the same results as one run of as many steps."""
+  checkpoints = tmp_path / "checkpoints"
+  options = [*RESUMED, "--checkpoint-every", 10]
+  process = subprocess.Popen(
+      [sys.executable, "-m", "gsparse_jax", "compare", *map(str, options),
+       "--steps", "100000", "--checkpoint-dir", str(checkpoints), "--out",
+       str(tmp_path / "killed")],
+      cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+      text=True)
+  try:
+    deadline = time.monotonic() + 300  # a guard against a hung child only
+    while not _finished_checkpoints(checkpoints / "reg_top_k"):
+      assert process.poll() is None, process.stderr.read()[-3000:]
+      assert time.monotonic() < deadline, "no checkpoint was written"
+      time.sleep(0.05)
+  finally:
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+  assert process.returncode == -signal.SIGKILL
+  steps = max(_finished_checkpoints(checkpoints / "reg_top_k")) + 10
+  assert gsparse("compare", *options, "--steps", steps, "--checkpoint-dir",
+                 checkpoints, "--resume", "--out", tmp_path / "resumed") == 0
+  assert gsparse("compare", *options, "--steps", steps, "--out",
+                 tmp_path / "straight") == 0
+  assert (_without_wall_time(_results(tmp_path / "resumed"))
+          == _without_wall_time(_results(tmp_path / "straight")))
+
+
+def test_info_lists_versions_devices_and_every_compressor(capsys):
+  import jax  # pylint: disable=g-import-not-at-top
+  assert gsparse("info") == 0
+  out = capsys.readouterr().out
+  assert jax.__version__ in out and "optax" in out and "flax" in out
+  assert f"devices: {jax.device_count()} x cpu" in out
+  for name in gs.compressor_names():
+    assert name in out
+  # Factory defaults, as written in their signatures.
+  assert "method='auto'" in out and "recall_target=0.95" in out
+
+
+def test_bench_outside_a_checkout_is_one_line_exit_2(tmp_path, monkeypatch,
+                                                     capsys):
+  monkeypatch.setattr(bench, "checkout_root", lambda: tmp_path)
+  assert gsparse("bench", "--out", tmp_path / "out") == 2
+  assert len(capsys.readouterr().err.strip().splitlines()) == 1
+  assert not (tmp_path / "out").exists()
+
+
+def test_bench_runs_the_suite_quick_and_writes_its_report(tmp_path,
+                                                          monkeypatch):
+  """The command's plumbing (the benchmarks themselves have smoke tests):
+  quick mode by default, into --out, tables in report.md."""
+  calls = []
+  report = types.SimpleNamespace(
+      run_all=lambda out, quick: calls.append((out, quick)),
+      render=lambda out: f"TABLES OF {out}")
+  monkeypatch.setattr(bench.importlib, "import_module",
+                      lambda name: report if name == "benchmarks.report"
+                      else pytest.fail(name))
+  out = tmp_path / "bench"
+  assert gsparse("bench", "--out", out) == 0
+  assert gsparse("bench", "--out", out, "--full") == 0
+  assert calls == [(str(out), True), (str(out), False)]
+  assert (out / "report.md").read_text() == f"TABLES OF {out}\n"
+
+
+@pytest.mark.slow
+def test_bench_quick_end_to_end(tmp_path):
+  assert gsparse("bench", "--out", tmp_path) == 0
+  for name in ("selection", "step_overhead", "bytes", "scale_model"):
+    assert (tmp_path / f"{name}.png").stat().st_size > 0
+  assert "### Bytes per step" in (tmp_path / "report.md").read_text()

@@ -1,0 +1,233 @@
+"""The compressor contract: every registry compressor x every feedback rule.
+
+Modelled on optax's ``contrib/_common_test.py``: one table of compressors
+(`gs.COMPRESSORS`, so a new compressor joins by adding its registry row and
+its NumPy reference in `references.compressor_reference`), and the same
+checks for each:
+
+* in each mapping (``vmap``, ``jit(shard_map)``, ``pmap``, 8 workers) the
+  outputs and final memory equal the float64 NumPy reference;
+* ``vmap`` and ``shard_map`` are bit-identical;
+* error feedback loses nothing: sum over steps and workers of what was sent,
+  plus the final memories, equals the sum of the gradients;
+* ``init`` accepts abstract parameters; ``jax.typeof`` of the state is the
+  same after ``init`` and ``update``, eager and jitted; many steps trace
+  once; the state can be donated;
+* ``comm_stats`` bytes equal the compressor's declared wire cost;
+* the output dtype equals the input dtype for float32, bfloat16, float16.
+"""
+
+import dataclasses
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gsparse_jax as gs
+import references
+import runners
+
+WORKERS = 8
+STEPS = 3
+RATIO = 0.25
+FEEDBACKS = ("none", "ef", "ef21", "ef21m")
+
+
+def _params():
+  return {"b": jnp.zeros((7,)), "w": jnp.zeros((6, 5))}
+
+
+D = 37  # entries of _params()
+
+
+@functools.lru_cache(maxsize=None)
+def _grads(steps=STEPS, workers=WORKERS, seed=0):
+  """``{"b": [steps, workers, 7], "w": [steps, workers, 6, 5]}``, float32."""
+  rng = np.random.default_rng(seed)
+  return {name: rng.normal(size=(steps, workers) + p.shape).astype(np.float32)
+          for name, p in _params().items()}
+
+
+def _flat(tree):
+  """Leaves concatenated over trailing dims, pytree order (b, then w)."""
+  leaves = jax.tree.leaves(tree)
+  lead = np.asarray(leaves[0]).shape[:2]
+  return np.concatenate([np.asarray(l).reshape(lead + (-1,))
+                         for l in leaves], axis=-1)
+
+
+def _compressor(name):
+  sample = jax.tree.map(lambda g: g[0, 0], _grads())
+  return gs.compressor_from_ratio(name, RATIO, sample)
+
+
+NAMES = gs.compressor_names()
+
+
+@functools.lru_cache(maxsize=None)
+def _run(name, feedback, context):
+  tx = gs.sparsify(_compressor(name), feedback=feedback,
+                   axis_name=runners.AXIS)
+  mesh = jax.make_mesh((WORKERS,), (runners.AXIS,))
+  grads = jax.tree.map(jnp.asarray, _grads())
+  outputs, state = runners.run_steps(tx, _params(), grads, context, mesh)
+  memory = state.memory[0]
+  memory = (np.zeros((WORKERS, D)) if not jax.tree.leaves(memory) else
+            runners.worker_rows(jax.tree.leaves(memory)[-1], WORKERS))
+  return _flat(outputs), memory, state
+
+
+def test_every_registry_compressor_has_a_reference():
+  for name in NAMES:
+    references.compressor_reference(_compressor(name), D)
+
+
+@pytest.mark.parametrize("context", runners.CONTEXTS)
+@pytest.mark.parametrize("feedback", FEEDBACKS)
+@pytest.mark.parametrize("name", NAMES)
+def test_matches_numpy_reference(name, feedback, context):
+  got, memory, state = _run(name, feedback, context)
+  select_all, receive_all = references.compressor_reference(
+      _compressor(name), D)
+  expected, expected_memory = references.feedback_run(
+      _flat(_grads()).astype(np.float64), select_all, receive_all, feedback)
+  for worker in range(WORKERS):
+    np.testing.assert_allclose(got[:, worker], expected, rtol=2e-5,
+                               atol=2e-6)
+  np.testing.assert_allclose(memory, expected_memory, rtol=2e-5, atol=2e-6)
+  stats = gs.comm_stats(state)
+  assert stats["steps"] == STEPS and stats["skipped_steps"] == 0
+
+
+@pytest.mark.parametrize("feedback", FEEDBACKS)
+@pytest.mark.parametrize("name", NAMES)
+def test_vmap_and_shard_map_are_bit_identical(name, feedback):
+  got_vmap, memory_vmap, _ = _run(name, feedback, "vmap")
+  got_shard, memory_shard, _ = _run(name, feedback, "shard_map")
+  np.testing.assert_array_equal(got_vmap, got_shard)
+  np.testing.assert_array_equal(memory_vmap, memory_shard)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_error_feedback_loses_nothing(name):
+  """n * sum_t out_t + sum_i e_i(T) == sum_t sum_i g_t,i (EF's invariant)."""
+  got, memory, _ = _run(name, "ef", "vmap")
+  sent_total = WORKERS * got[:, 0].astype(np.float64).sum(axis=0)
+  grads_total = _flat(_grads()).astype(np.float64).sum(axis=(0, 1))
+  np.testing.assert_allclose(sent_total + memory.sum(axis=0), grads_total,
+                             rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("feedback", FEEDBACKS)
+@pytest.mark.parametrize("name", NAMES)
+def test_state_contract_on_one_worker(name, feedback):
+  """Abstract init, stable types, one trace, donation, bytes == wire cost."""
+  compressor = _compressor(name)
+  tx = gs.sparsify(compressor, feedback=feedback)
+  params = _params()
+  grads = [jax.tree.map(lambda g: jnp.asarray(g[t, 0]), _grads())
+           for t in range(STEPS)]
+
+  abstract = jax.eval_shape(
+      tx.init, jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype),
+                            params))
+  state = tx.init(params)
+  chex.assert_trees_all_equal_shapes_and_dtypes(abstract, state)
+  types = jax.tree.map(jax.typeof, state)
+
+  eager_out, eager_state = tx.update(grads[0], state)
+  assert jax.tree.map(jax.typeof, eager_state) == types
+
+  chex.clear_trace_counter()
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(g, s):
+    return tx.update(g, s)
+
+  donated = jax.jit(tx.update, donate_argnums=1)
+  state_a, state_b = tx.init(params), tx.init(params)
+  for g in grads:
+    out_a, state_a = step(g, state_a)
+    out_b, state_b = donated(g, state_b)
+    assert jax.tree.map(jax.typeof, state_a) == types
+    chex.assert_trees_all_equal(out_a, out_b)
+  chex.assert_trees_all_equal(state_a, state_b)
+  chex.assert_trees_all_close(jax.tree.map(np.asarray, eager_out),
+                              jax.tree.map(np.asarray, step(grads[0],
+                                                            tx.init(params))[0]),
+                              rtol=1e-6, atol=1e-7)
+
+  stats = gs.comm_stats(state_a)
+  declared = sum(c.bytes for c in compressor.wire(D, jnp.float32))
+  assert stats["sent_bytes"] == STEPS * declared
+  assert stats["dense_bytes"] == STEPS * D * 4
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("name", NAMES)
+def test_output_dtype_equals_input_dtype(name, dtype):
+  tx = gs.sparsify(_compressor(name), feedback="ef", axis_name=runners.AXIS)
+  params = {"b": jnp.zeros((7,), dtype), "w": jnp.zeros((6, 5), dtype),
+            "n": jnp.zeros((2,), jnp.int32)}
+  grads = jax.tree.map(lambda p: jnp.ones((WORKERS,) + p.shape, p.dtype),
+                       params)
+  state = jax.vmap(lambda _: tx.init(params))(jnp.arange(WORKERS))
+  out, new_state = jax.eval_shape(
+      jax.vmap(tx.update, axis_name=runners.AXIS), grads, state)
+  for key in params:
+    assert out[key].dtype == params[key].dtype, key
+    assert out[key].shape == grads[key].shape, key
+  assert jax.tree.map(lambda s: (s.shape, s.dtype), new_state) == (
+      jax.tree.map(lambda s: (s.shape, s.dtype), state))
+
+
+@dataclasses.dataclass(frozen=True)
+class SignMagnitudeTopK(gs.Compressor):
+  """A compressor written outside the library: the Top-k positions, each
+  sent as ``sign(a_j)`` times the mean magnitude of the kept entries."""
+
+  k: int = 5
+
+  def budget(self, size):
+    return min(self.k, size)
+
+  def select(self, x, state, context):
+    _, indices = jax.lax.top_k(jnp.abs(x), self.budget(x.shape[0]))
+    kept = x[indices]
+    values = jnp.sign(kept) * jnp.mean(jnp.abs(kept))
+    return gs.Payload(values=values.astype(context.value_dtype),
+                      indices=indices.astype(jnp.int32),
+                      count=jnp.asarray(indices.shape[0], jnp.int32),
+                      overflow=jnp.zeros([], jnp.int32), aux=(),
+                      size=x.shape[0], layout="sparse")
+
+
+def _sign_magnitude_reference(a, step, state):
+  sent = np.zeros_like(a)
+  for i, row in enumerate(a):
+    indices = references.top_k_indices(row, 5)
+    sent[i, indices] = np.sign(row[indices]) * np.abs(row[indices]).mean()
+  return sent, state
+
+
+@pytest.mark.parametrize("context", ["vmap", "shard_map"])
+def test_a_new_compressor_needs_no_library_change(context):
+  """Defined in this file alone, it runs with EF in every mapping, matches
+  its NumPy reference and is counted at its declared wire cost."""
+  tx = gs.sparsify(SignMagnitudeTopK(), feedback="ef", axis_name=runners.AXIS)
+  mesh = jax.make_mesh((WORKERS,), (runners.AXIS,))
+  outputs, state = runners.run_steps(
+      tx, _params(), jax.tree.map(jnp.asarray, _grads()), context, mesh)
+  expected, memory = references.feedback_run(
+      _flat(_grads()).astype(np.float64), _sign_magnitude_reference,
+      lambda sent, s: (sent.mean(axis=0), s), "ef")
+  np.testing.assert_allclose(_flat(outputs)[:, 0], expected, rtol=2e-5,
+                             atol=2e-6)
+  np.testing.assert_allclose(
+      runners.worker_rows(state.memory[0], WORKERS), memory, rtol=2e-5,
+      atol=2e-6)
+  assert gs.comm_stats(state)["sent_bytes"] == STEPS * 5 * (4 + 4)
