@@ -1,10 +1,15 @@
-"""NumPy references for sign, cast and PowerSGD (float64 unless said).
+"""NumPy references for sign, QSGD, cast, Top-k with rounded values and
+PowerSGD (float64 unless said).
 
 ``select_<name>(a, step, worker, ...)`` returns the dense vector one worker
 sends for its accumulated vector ``a``; `ef_run_dense` runs error feedback
-over workers with such a function. PowerSGD couples the workers inside a
-step, so it has a run of its own, `power_sgd_run`.
+over workers with such a function (in float32 too), and
+`compressor_reference` gives the contract suite's ``(select_all,
+receive_all)`` (see `references.feedback_run`). PowerSGD couples the workers
+inside a step: `power_sgd_reference` is in that form directly.
 """
+
+import functools
 
 import ml_dtypes
 import numpy as np
@@ -19,6 +24,36 @@ def select_sign(a, step, worker, scale="l1"):
   else:
     magnitude = np.sqrt(np.sum(a * a) / a.size)
   return magnitude * np.where(a < 0, -1.0, 1.0)
+
+
+def qsgd_uniforms(compressor, d, step, worker, segment=0):
+  """The uniforms QSGD draws at ``step`` on ``worker`` (the library's key
+  schedule, used for the draw only), ``[num_blocks, block]``."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from gsparse_jax._src import transform  # pylint: disable=g-import-not-at-top
+  key = jax.random.fold_in(
+      transform.segment_key(jnp.asarray(step, jnp.int32), segment), worker)
+  shape = (compressor.num_blocks(d), compressor.block_size(d))
+  return np.asarray(jax.random.uniform(key, shape, jnp.float32), np.float64)
+
+
+def select_qsgd(a, step, worker, compressor):
+  """QSGD of ``a``: per bucket ``||b|| sign(a_j) l_j / s``, ``l_j`` the
+  stochastic rounding of ``s |a_j| / ||b||`` with the library's uniforms."""
+  d = a.size
+  s = 2 ** compressor.bits - 1
+  block = compressor.block_size(d)
+  blocks = np.zeros(compressor.num_blocks(d) * block)
+  blocks[:d] = a
+  blocks = blocks.reshape(-1, block)
+  norms = np.linalg.norm(blocks, axis=1, keepdims=True)
+  scaled = np.minimum(np.abs(blocks) / np.where(norms > 0, norms, 1.0) * s,
+                      s)
+  low = np.floor(scaled)
+  up = qsgd_uniforms(compressor, d, step, worker) < scaled - low
+  sent = norms * np.sign(blocks) * (low + up) / s
+  return sent.reshape(-1)[:d]
 
 
 def select_cast(a, step, worker, dtype=ml_dtypes.bfloat16):
@@ -78,39 +113,86 @@ def orthonormal_columns(p):
   return np.stack(basis, axis=1)
 
 
-def power_sgd_run(grads, shape, q0, feedback="ef", memory_of="own"):
-  """PowerSGD over workers, as in Vogels et al. 2019 (arXiv 1905.13727).
+def power_sgd_reference(shape, q0):
+  """PowerSGD's ``(select_all, receive_all)`` for one ``m x n`` tensor
+  (Vogels, Karimireddy, Jaggi 2019, arXiv 1905.13727).
+
+  Worker i sends ``P Q_i^T``: ``P`` the orthonormalized mean of ``M_i Q``,
+  ``Q_i = M_i^T P``; the reference's state is the mean ``Q``, the next
+  step's ``Q`` (warm start).
 
   Args:
-    grads: ``[steps, workers, m * n]`` (one tensor of ``shape`` flattened).
     shape: ``(m, n)``.
     q0: ``[n, r]``, the first ``Q`` (the same on every worker), then warm
       started; or ``q0(step) -> [n, r]``, a fresh ``Q`` every step.
-    feedback: ``"ef"`` or ``"none"``.
-    memory_of: ``"own"``: worker i remembers ``M_i - P Q_i^T`` (this
-      library); ``"mean"``: ``M_i - P Q^T`` (PyTorch's powerSGD_hook).
+  """
+  def select_all(a, step, state):
+    if callable(q0):
+      q = np.asarray(q0(step), np.float64)
+    else:
+      q = np.asarray(q0, np.float64) if state is None else state
+    matrices = a.reshape((a.shape[0],) + tuple(shape))
+    p_hat = orthonormal_columns(np.mean(matrices @ q, axis=0))
+    own_q = np.transpose(matrices, (0, 2, 1)) @ p_hat
+    sent = (p_hat @ np.transpose(own_q, (0, 2, 1))).reshape(a.shape)
+    return sent, own_q.mean(axis=0)
+  return select_all, _mean_of
+
+
+def power_sgd_hook_run(grads, shape, q0):
+  """PowerSGD with PyTorch powerSGD_hook's error feedback: every worker
+  remembers ``M_i - P Q^T`` (the aggregate), not ``M_i - P Q_i^T``.
 
   Returns:
-    (outputs ``[steps, m * n]``, final memory ``[workers, m * n]``, final
-    ``Q``).
+    (outputs ``[steps, m * n]``, final memory ``[workers, m * n]``).
   """
-  steps, workers, _ = grads.shape
-  m, n = shape
-  q = None if callable(q0) else np.asarray(q0, np.float64)
+  select_all, _ = power_sgd_reference(shape, q0)
   memory = np.zeros(grads.shape[1:])
-  outputs = []
-  for t in range(steps):
-    if callable(q0):
-      q = np.asarray(q0(t), np.float64)
-    matrices = [(grads[t, i] + (memory[i] if feedback == "ef" else 0.0)
-                 ).reshape(m, n) for i in range(workers)]
-    p_hat = orthonormal_columns(np.mean([mi @ q for mi in matrices], axis=0))
-    own_q = [mi.T @ p_hat for mi in matrices]
-    q = np.mean(own_q, axis=0)
-    out = p_hat @ q.T
-    if feedback == "ef":
-      for i, mi in enumerate(matrices):
-        sent = p_hat @ own_q[i].T if memory_of == "own" else out
-        memory[i] = (mi - sent).reshape(-1)
-    outputs.append(out.reshape(-1))
-  return np.stack(outputs), memory, q
+  state, outputs = None, []
+  for t in range(grads.shape[0]):
+    x = grads[t] + memory
+    sent, state = select_all(x, t, state)
+    outputs.append(sent.mean(axis=0))
+    memory = x - outputs[-1]
+  return np.stack(outputs), memory
+
+
+def _per_worker(select):
+  """``select(a, step, worker)`` as the suite's ``select_all``."""
+  def select_all(a, step, state):
+    return np.stack([select(row, step, i) for i, row in enumerate(a)]), state
+  return select_all
+
+
+def _mean_of(sent, state):
+  return sent.mean(axis=0), state
+
+
+def compressor_reference(compressor, d):
+  """``(select_all, receive_all)`` of this module's compressors on ``d``."""
+  name = type(compressor).__name__
+  if name == "Sign":
+    return _per_worker(functools.partial(select_sign,
+                                         scale=compressor.scale)), _mean_of
+  if name == "QSGD":
+    return _per_worker(functools.partial(select_qsgd,
+                                         compressor=compressor)), _mean_of
+  if name == "Cast":
+    dtype = ml_dtypes.bfloat16 if compressor.dtype.name == "bfloat16" else (
+        np.float16)
+
+    def receive_all(sent, state):
+      # The all-reduce adds the rounded values in `dtype`; here the exact
+      # sum is rounded once (XLA:CPU's all-reduce; its vmap psum rounds
+      # every addition, within a few units of `dtype` of this).
+      total = sent.sum(axis=0).astype(dtype).astype(np.float64)
+      return total / sent.shape[0], state
+    return _per_worker(functools.partial(select_cast, dtype=dtype)), (
+        receive_all)
+  if name == "TopK":  # with value_dtype (the plain one is in `references`)
+    k = compressor.budget(d)
+    return _per_worker(functools.partial(select_top_k_low_precision,
+                                         k=k)), _mean_of
+  if name == "PowerSGD" and compressor.layout == "dense":
+    return (lambda a, step, state: (a.copy(), state)), _mean_of
+  raise KeyError(f"no NumPy reference for compressor {name}")

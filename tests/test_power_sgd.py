@@ -7,7 +7,8 @@ import pytest
 
 import gsparse_jax as gs
 from gsparse_jax._src import transform
-import references_compressors13 as references
+import references
+import references_compressors13 as references13
 import runners
 
 WORKERS = 8
@@ -38,36 +39,33 @@ def _run(compressor, context, mesh, grads, feedback="ef"):
   return tx.init(PARAMS), outputs, state
 
 
-@pytest.mark.parametrize("context", ["vmap", "shard_map"])
+@pytest.mark.parametrize("context,feedback",
+                         [("vmap", "ef"), ("shard_map", "ef"),
+                          ("vmap", "ef21m"), ("vmap", "none")])
 @pytest.mark.parametrize("rank", [1, 2])
-def test_matches_numpy_power_iteration_with_error_feedback(rank, context,
-                                                           mesh):
+def test_matches_numpy_power_iteration(rank, context, feedback, mesh):
   grads = runners.normal_grads(PARAMS, STEPS, WORKERS, seed=rank)
-  init, outputs, state = _run(gs.power_sgd(rank), context, mesh, grads)
+  init, outputs, state = _run(gs.power_sgd(rank), context, mesh, grads,
+                              feedback)
 
   for name, (segment, shape) in MATRICES.items():
-    expected, memory, q = references.power_sgd_run(
-        _leaf(grads, name).astype(np.float64), shape,
-        _initial_q(init, segment))
+    expected, memory = references.feedback_run(
+        _leaf(grads, name).astype(np.float64),
+        *references13.power_sgd_reference(shape, _initial_q(init, segment)),
+        feedback)
     got = _leaf(outputs, name)
     for worker in range(WORKERS):
       np.testing.assert_allclose(got[:, worker], expected, rtol=1e-4,
                                  atol=1e-4)
-    np.testing.assert_allclose(
-        runners.worker_rows(state.memory[segment], WORKERS), memory,
-        rtol=1e-4, atol=1e-4)
-    # The warm-start Q in the state is the last aggregated Q (up to the
-    # sign of each column, which the QR chooses).
-    last_q = np.asarray(state.compressor_state[segment]).reshape(
-        (WORKERS,) + q.shape)
-    for worker in range(WORKERS):
-      np.testing.assert_allclose(np.abs(last_q[worker]), np.abs(q),
-                                 rtol=1e-4, atol=1e-4)
-  # The 1-D leaf is sent dense: the exact mean, nothing in memory.
-  np.testing.assert_allclose(_leaf(outputs, "b"),
-                             np.broadcast_to(_leaf(grads, "b").mean(1, keepdims=True),
-                                             _leaf(grads, "b").shape),
-                             rtol=1e-6, atol=1e-6)
+    if feedback != "none":
+      np.testing.assert_allclose(
+          runners.worker_rows(jax.tree.leaves(state.memory[segment])[-1],
+                              WORKERS), memory, rtol=1e-4, atol=1e-4)
+  # The 1-D leaf is sent dense.
+  if feedback == "none":
+    b = _leaf(grads, "b")
+    np.testing.assert_allclose(_leaf(outputs, "b"), np.broadcast_to(
+        b.mean(1, keepdims=True), b.shape), rtol=1e-6, atol=1e-6)
 
 
 def test_same_outputs_as_pytorch_hook_memory(mesh):
@@ -76,9 +74,8 @@ def test_same_outputs_as_pytorch_hook_memory(mesh):
   grads = runners.normal_grads(PARAMS, STEPS, WORKERS, seed=5)
   init, outputs, state = _run(gs.power_sgd(2), "vmap", mesh, grads)
   segment, shape = MATRICES["w"]
-  expected, hook_memory, _ = references.power_sgd_run(
-      _leaf(grads, "w").astype(np.float64), shape, _initial_q(init, segment),
-      memory_of="mean")
+  expected, hook_memory = references13.power_sgd_hook_run(
+      _leaf(grads, "w").astype(np.float64), shape, _initial_q(init, segment))
   np.testing.assert_allclose(_leaf(outputs, "w")[:, 0], expected, rtol=1e-4,
                              atol=1e-4)
   memory = runners.worker_rows(state.memory[segment], WORKERS)
@@ -95,8 +92,9 @@ def test_fresh_q_each_step_without_warm_start(mesh):
   segment, (m, n) = MATRICES["w"]
   draw = lambda t: jax.random.normal(
       transform.segment_key(jnp.asarray(t, jnp.int32), segment), (n, 2))
-  expected, _, _ = references.power_sgd_run(
-      _leaf(grads, "w").astype(np.float64), (m, n), draw)
+  expected, _ = references.feedback_run(
+      _leaf(grads, "w").astype(np.float64),
+      *references13.power_sgd_reference((m, n), draw), "ef")
   np.testing.assert_allclose(_leaf(outputs, "w")[:, 0], expected, rtol=1e-4,
                              atol=1e-4)
 
