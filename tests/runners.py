@@ -7,10 +7,12 @@ contexts with each other and with NumPy references.
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -77,6 +79,34 @@ def worker_rows(x, workers):
   """A per-worker state leaf as ``[workers, ...]`` whatever the context."""
   x = np.asarray(x)
   return x.reshape((workers,) + x.shape[-1:]) if x.ndim > 1 else x
+
+
+def collectives(text):
+  """(operand types of every all-reduce, number of all-gathers) in StableHLO."""
+  reduces = re.findall(r'"stablehlo\.all_reduce".*?\}\) : \((tensor<[^>]*>)',
+                       text, flags=re.S)
+  return reduces, len(re.findall(r"all[_-]gather", text))
+
+
+def lowered_step_text(compressor, mesh, d=2000, feedback="ef21"):
+  """StableHLO of a jitted shard_map training step over 8 workers."""
+  tx = optax.chain(gs.sparsify(compressor, feedback=feedback, axis_name=AXIS,
+                               nonfinite="ignore"), optax.sgd(0.1))
+  params = jnp.zeros(d)
+  specs = gs.state_partition_specs(jax.eval_shape(tx.init, params), AXIS)
+  state = jax.jit(jax.shard_map(lambda: tx.init(params), mesh=mesh,
+                                in_specs=(), out_specs=specs))()
+
+  @jax.jit
+  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(AXIS), specs),
+                     out_specs=(P(), specs))
+  def step(grads, state):
+    return tx.update(grads[0], state, params)
+
+  workers = mesh.shape[AXIS]
+  grads = jax.device_put(jnp.ones((workers, d)),
+                         NamedSharding(mesh, P(AXIS)))
+  return step.lower(grads, state).as_text()
 
 
 def normal_grads(params, steps, workers, seed=0):

@@ -16,7 +16,6 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import gsparse_jax as gs
-from gsparse_jax._src import accumulate
 import references
 
 AXIS = "data"

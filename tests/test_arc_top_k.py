@@ -1,12 +1,10 @@
 """ARC-Top-K (docs/algorithms.md): shared row choice, NumPy reference, wire."""
 
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -236,36 +234,9 @@ def test_bytes_are_sketch_plus_values_without_indices():
   assert gs.comm_stats(state)["sent_bytes"] == 100 * (4 + 4)
 
 
-def collectives(text):
-  """(operand types of every all-reduce, number of all-gathers) in StableHLO."""
-  reduces = re.findall(r'"stablehlo\.all_reduce".*?\}\) : \((tensor<[^>]*>)',
-                       text, flags=re.S)
-  return reduces, len(re.findall(r"all[_-]gather", text))
-
-
-def lowered_step_text(compressor, mesh, d=2000, feedback="ef21"):
-  """StableHLO of a jitted shard_map training step over 8 workers."""
-  tx = optax.chain(gs.sparsify(compressor, feedback=feedback, axis_name=AXIS,
-                               nonfinite="ignore"), optax.sgd(0.1))
-  params = jnp.zeros(d)
-  specs = gs.state_partition_specs(jax.eval_shape(tx.init, params), AXIS)
-  state = jax.jit(jax.shard_map(lambda: tx.init(params), mesh=mesh,
-                                in_specs=(), out_specs=specs))()
-
-  @jax.jit
-  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(AXIS), specs),
-                     out_specs=(P(), specs))
-  def step(grads, state):
-    return tx.update(grads[0], state, params)
-
-  grads = jax.device_put(jnp.ones((WORKERS, d)),
-                         NamedSharding(mesh, P(AXIS)))
-  return step.lower(grads, state).as_text()
-
-
 def test_lowered_arc_step_all_reduces_sketch_and_rows_only(mesh):
-  reduces, gathers = collectives(
-      lowered_step_text(gs.arc_top_k(0.05, rank=2, row_size=10), mesh))
+  reduces, gathers = runners.collectives(runners.lowered_step_text(
+      gs.arc_top_k(0.05, rank=2, row_size=10), mesh))
   assert gathers == 0
   # One psum of the 200 x 2 sketch and one of the 10 selected rows' values;
   # nothing of the gradient's size.
@@ -273,7 +244,8 @@ def test_lowered_arc_step_all_reduces_sketch_and_rows_only(mesh):
 
 
 def test_lowered_top_k_step_all_gathers(mesh):
-  reduces, gathers = collectives(lowered_step_text(gs.top_k(0.05), mesh))
+  reduces, gathers = runners.collectives(
+      runners.lowered_step_text(gs.top_k(0.05), mesh))
   assert gathers >= 2 and not reduces  # indices and values
 
 

@@ -9,8 +9,6 @@ import pytest
 import gsparse_jax as gs
 import references
 import runners
-from test_arc_top_k import collectives
-from test_arc_top_k import lowered_step_text
 
 WORKERS = 8
 STEPS = 4
@@ -184,7 +182,7 @@ def test_ef21_with_dense_is_plain_sgd_on_random_data():
 def test_aligned_compressor_aggregates_with_one_psum(feedback, mesh):
   # Shared-seed Rand-k is aligned: the whole exchange of EF21 is one psum
   # of the k values (nonfinite="ignore" drops the NaN-check psum).
-  reduces, gathers = collectives(lowered_step_text(
+  reduces, gathers = runners.collectives(runners.lowered_step_text(
       gs.rand_k(0.05, shared=True), mesh, feedback=feedback))
   assert gathers == 0 and reduces == ["tensor<100xf32>"]
 

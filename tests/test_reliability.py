@@ -2,7 +2,6 @@
 property tests over random pytrees, and a fuzz of the public functions."""
 
 import functools
-import inspect
 import math
 import traceback
 

@@ -1,7 +1,6 @@
 """hard_threshold, gaussian_k, calibrate_threshold and approx_top_k."""
 
 import functools
-import math
 import statistics
 
 import chex
@@ -11,7 +10,6 @@ import numpy as np
 import pytest
 
 import gsparse_jax as gs
-from gsparse_jax._src import threshold_compressors
 import references
 import runners
 

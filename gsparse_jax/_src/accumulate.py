@@ -24,8 +24,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gsparse_jax._src import distributed
-from jax.sharding import PartitionSpec as P
 
 
 class MultiStepsState(NamedTuple):
