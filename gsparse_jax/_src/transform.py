@@ -249,7 +249,7 @@ def sparsify(compressor: compressors.Compressor, *, feedback: str = "ef",
   if axis_name is not None and not isinstance(axis_name, str):
     raise ValueError(f"`axis_name` must be a string or None, got "
                      f"{axis_name!r}.")
-  memory_dtype = _check_memory_dtype(memory_dtype)
+  memory_dtype = validation.dtype(memory_dtype, "memory_dtype", MEMORY_DTYPES)
   inner_axes = _check_inner_axes(inner_axes, axis_name)
   rule = feedback_lib.rule(feedback, momentum)
   workers = workers_lib.Workers(axis_name)
@@ -467,17 +467,6 @@ def _check_inner_axes(inner_axes, axis_name) -> tuple[str, ...]:
     raise ValueError(f"`inner_axes` {names} must not contain the workers' "
                      f"axis `axis_name`={axis_name!r}.")
   return names
-
-
-def _check_memory_dtype(memory_dtype) -> Any:
-  try:
-    dtype = jnp.dtype(memory_dtype)
-  except TypeError:
-    dtype = None
-  if dtype is None or dtype.name not in MEMORY_DTYPES:
-    raise ValueError(f"`memory_dtype` must be one of {MEMORY_DTYPES}; got "
-                     f"{memory_dtype!r}.")
-  return dtype
 
 
 def _path_name(path) -> str:
