@@ -286,3 +286,12 @@ def feedback_run(grads, select_all, receive_all, feedback, momentum=0.9):
       shared = shared + mean
       outputs.append(shared.copy())
   return np.stack(outputs), memory
+
+
+# All-reduces in a narrow dtype: the collective rounds the sum (vmap's psum
+# after every addition, XLA:CPU's all-reduce once, NCCL after every hop), so
+# the mean equals the reference's only up to that rounding, vmap and
+# shard_map may differ in those bits, and that rounding is in no memory (the
+# memories, rounding errors of each worker's own values, stay exact). The
+# unit roundoff of the sum's dtype, per compressor:
+SUM_ROUNDING = {"cast": 2.0 ** -8}

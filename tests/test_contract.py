@@ -65,21 +65,14 @@ def _compressor(name):
 
 
 NAMES = gs.compressor_names()
-# All-reduces in a narrow dtype: the collective rounds the sum (vmap's psum
-# after every addition, XLA:CPU's all-reduce once, NCCL after every hop), so
-# the mean equals the reference's only up to that rounding, vmap and
-# shard_map may differ in those bits, and that rounding is in no memory (the
-# memories, rounding errors of each worker's own values, stay exact). The
-# unit roundoff of the sum's dtype, per compressor:
-SUM_ROUNDING = {"cast": 2.0 ** -8}
 
 
 def _output_tolerance(name, expected):
   """assert_allclose's tolerances for outputs near ``expected``."""
-  if name not in SUM_ROUNDING:
+  if name not in references.SUM_ROUNDING:
     return dict(rtol=2e-5, atol=2e-6)
   # A sum of n terms rounded after each addition: within n roundoffs.
-  return dict(rtol=0.0, atol=WORKERS * SUM_ROUNDING[name] * float(
+  return dict(rtol=0.0, atol=WORKERS * references.SUM_ROUNDING[name] * float(
       np.abs(expected).max()))
 
 
@@ -123,7 +116,7 @@ def test_matches_numpy_reference(name, feedback, context):
 def test_vmap_and_shard_map_are_bit_identical(name, feedback):
   got_vmap, memory_vmap, _ = _run(name, feedback, "vmap")
   got_shard, memory_shard, _ = _run(name, feedback, "shard_map")
-  if name in SUM_ROUNDING:  # the collective's rounding (see SUM_ROUNDING)
+  if name in references.SUM_ROUNDING:  # the collective's rounding
     np.testing.assert_allclose(got_vmap, got_shard,
                                **_output_tolerance(name, got_shard))
   else:
@@ -134,9 +127,10 @@ def test_vmap_and_shard_map_are_bit_identical(name, feedback):
 @pytest.mark.parametrize("name", NAMES)
 def test_error_feedback_loses_nothing(name):
   """n * sum_t out_t + sum_i e_i(T) == sum_t sum_i g_t,i (EF's invariant)."""
-  if name in SUM_ROUNDING:
+  if name in references.SUM_ROUNDING:
     pytest.skip("the collective rounds the sum outside any memory "
-                "(SUM_ROUNDING); its memories are checked exactly instead")
+                "(references.SUM_ROUNDING); its memories are checked exactly "
+                "instead")
   got, memory, _ = _run(name, "ef", "vmap")
   sent_total = WORKERS * got[:, 0].astype(np.float64).sum(axis=0)
   grads_total = _flat(_grads()).astype(np.float64).sum(axis=(0, 1))

@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import gsparse_jax as gs
+import references
 
 FEATURES, HIDDEN, OUTPUTS, BATCH = 6, 4, 3, 4
 RATIO, LR, MOMENTUM, STEPS = 0.3, 0.05, 0.9, 3
@@ -377,9 +378,12 @@ def test_every_compressor_per_shard_as_on_a_one_axis_mesh(name):
     jax.block_until_ready(out)
     expected, ref_state = ref_update(by_shard(grads), ref_state)
     expected_w = np.concatenate(list(np.asarray(expected["w"])[:, 0]), -1)
-    np.testing.assert_allclose(out["w"], expected_w, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(out["b"], expected["b"][0, 0], rtol=1e-5,
-                               atol=1e-6)
+    # A narrow collective rounds its sum differently in each mapping.
+    tolerance = (dict(rtol=0, atol=4 * references.SUM_ROUNDING[name] * float(
+        np.abs(expected_w).max())) if name in references.SUM_ROUNDING
+                 else dict(rtol=1e-5, atol=1e-6))
+    np.testing.assert_allclose(out["w"], expected_w, **tolerance)
+    np.testing.assert_allclose(out["b"], expected["b"][0, 0], **tolerance)
     copies = [np.asarray(s.data) for s in out["b"].addressable_shards]
     for copy in copies[1:]:
       np.testing.assert_array_equal(copy, copies[0])

@@ -15,6 +15,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import gsparse_jax as gs
+import references
 import runners
 
 # --------------------------------------------------------------------------
@@ -179,7 +180,10 @@ def test_properties_over_random_pytrees(tree, workers, ratio, name, seed):
   memory = np.asarray(new_state.memory[0], np.float64).reshape(workers, d)
   total = sum(flat(grads, i) for i in range(workers))
   scale = max(1.0, np.abs(total).max())
-  lossy = jnp.dtype(out[float_keys[0]].dtype).itemsize < 4
+  # Narrow leaves round what is received; a narrow collective rounds the sum
+  # (references.SUM_ROUNDING): both within a few roundoffs of the total.
+  lossy = (jnp.dtype(out[float_keys[0]].dtype).itemsize < 4
+           or name in references.SUM_ROUNDING)
   np.testing.assert_allclose(workers * received + memory.sum(0), total,
                              atol=(0.05 if lossy else 1e-4) * scale * workers)
   # Statistics agree with the declared wire cost and the values counted.

@@ -65,9 +65,14 @@ def _at_ratio(factory):
   return lambda ratio, sample: factory(ratio)
 
 
+def _at_defaults(factory):
+  """``from_ratio`` of a compressor without a ratio: its defaults."""
+  return lambda ratio, sample: factory()
+
+
 _ENTRIES = (
     CompressorEntry("dense", compressors.dense,
-                    lambda ratio, sample: compressors.dense(),
+                    _at_defaults(compressors.dense),
                     "no compression: dense all-reduce (the baseline)"),
     CompressorEntry("top_k", compressors.top_k,
                     _at_ratio(compressors.top_k),
@@ -95,18 +100,18 @@ _ENTRIES = (
                         ratio, value_dtype="bfloat16"),
                     "exact Top-k, values sent in bfloat16 (6 B per entry)"),
     CompressorEntry("power_sgd", power_sgd.power_sgd,
-                    lambda ratio, sample: power_sgd.power_sgd(),
+                    _at_defaults(power_sgd.power_sgd),
                     "PowerSGD rank 1 per matrix (granularity='layer'); "
                     "ratio ignored"),
     CompressorEntry("sign", sign.sign,
-                    lambda ratio, sample: sign.sign(),
+                    _at_defaults(sign.sign),
                     "scaled sign, 1 bit per entry (EF-signSGD); ratio "
                     "ignored"),
     CompressorEntry("qsgd", qsgd.qsgd,
-                    lambda ratio, sample: qsgd.qsgd(),
+                    _at_defaults(qsgd.qsgd),
                     "QSGD 4 bits, buckets of 512, unbiased; ratio ignored"),
     CompressorEntry("cast", cast.cast,
-                    lambda ratio, sample: cast.cast(),
+                    _at_defaults(cast.cast),
                     "dense all-reduce in bfloat16; ratio ignored"),
 )
 
