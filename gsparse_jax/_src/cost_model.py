@@ -59,6 +59,7 @@ from gsparse_jax._src import wire
 LAYOUTS = ("dense", "sparse", "aligned", "arc")
 TOPOLOGIES = ("per_worker", "shared")
 COLLECTIVES = wire.KINDS  # ("all_reduce", "all_gather")
+DEFAULT_LATENCY_S = 5e-6  # a fast datacenter fabric
 
 
 class Network(NamedTuple):
@@ -119,7 +120,8 @@ class Sample(NamedTuple):
   collective: str = "all_reduce"
 
 
-def network_from_gbit(gbit_per_s: float, latency_s: float = 5e-6, *,
+def network_from_gbit(gbit_per_s: float,
+                      latency_s: float = DEFAULT_LATENCY_S, *,
                       overhead_s_per_byte: float = 0.0,
                       topology: str = "per_worker") -> Network:
   """A `Network` from a link speed in Gbit/s.
