@@ -47,7 +47,7 @@ import json
 import math
 import os
 import pathlib
-import selectors
+import select
 import shutil
 import signal
 import socket
@@ -243,26 +243,32 @@ def run_group(num_processes: int, plan: dict,
 def _serve(procs, plan, set_rate, records, deadline) -> None:
   """Answers process 0's requests until it closes stdout."""
   leader = procs[0]
-  selector = selectors.DefaultSelector()
-  selector.register(leader.stdout, selectors.EVENT_READ)
+  # Raw reads: a buffered readline could pull two lines from the pipe and
+  # leave the second unseen by select() (and process 0 waiting forever).
+  fd = leader.stdout.fileno()
+  pending = b""
   while True:
     if time.monotonic() > deadline:
       raise subprocess.TimeoutExpired("benchmarks._network_worker", 0)
     crashed = [p for p in procs[1:] if p.poll() not in (None, 0)]
     if crashed:
       return  # process 0 is stuck in a collective; the caller reports it
-    if not selector.select(timeout=1.0):
+    readable, _, _ = select.select([fd], [], [], 1.0)
+    if not readable:
       continue
-    line = leader.stdout.readline()
-    if not line:
+    chunk = os.read(fd, 1 << 16)
+    if not chunk:
       return
-    kind, _, payload = line.strip().partition(" ")
-    if kind == "RATE":
-      set_rate(plan["rates"][int(payload)])
-      leader.stdin.write("GO\n")
-      leader.stdin.flush()
-    elif kind in records:
-      records[kind].append(json.loads(payload))
+    pending += chunk
+    *lines, pending = pending.split(b"\n")
+    for line in lines:
+      kind, _, payload = line.decode().strip().partition(" ")
+      if kind == "RATE":
+        set_rate(plan["rates"][int(payload)])
+        leader.stdin.write("GO\n")
+        leader.stdin.flush()
+      elif kind in records:
+        records[kind].append(json.loads(payload))
 
 
 def _tail(path: str, lines: int = 30) -> str:

@@ -5,6 +5,9 @@ where no network namespace can be made."""
 import json
 import math
 import socket
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -103,3 +106,25 @@ def test_without_namespaces_it_says_so_and_writes_nothing(monkeypatch,
   assert lines == ["benchmarks.network: skipped: needs a network namespace "
                    "with a shaped loopback (`tc` is not installed)."]
   assert not out.exists()
+
+
+def test_requests_arriving_in_one_write_are_all_answered():
+  # Process 0 may write a record and a rate request in one chunk; the
+  # launcher must see both (a buffered readline once hid the second and
+  # left process 0 waiting for its answer).
+  script = ("import sys\n"
+            "sys.stdout.write('ROW {\"n\": 1}\\nRATE 0\\n'); sys.stdout.flush()\n"
+            "assert sys.stdin.readline() == 'GO\\n'\n"
+            "print('ROW {\"n\": 2}', flush=True)\n")
+  leader = subprocess.Popen([sys.executable, "-c", script],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+  rates, records = [], {"SAMPLE": [], "ROW": []}
+  try:
+    network._serve([leader], {"rates": [0.5]}, rates.append, records,
+                   deadline=time.monotonic() + 30)
+  finally:
+    leader.kill()
+    leader.wait()
+  assert rates == [0.5]
+  assert records["ROW"] == [{"n": 1}, {"n": 2}]
