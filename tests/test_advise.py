@@ -93,26 +93,20 @@ def test_selection_is_measured_when_not_given(capsys):
   assert rows["top_k"][3] > 0.0
 
 
-@pytest.mark.parametrize("change,option", [
-    (("--params", "0"), "--params"),
-    (("--params", "many"), "--params"),
-    (("--workers", "0"), "--workers"),
-    (("--workers", "2.5"), "--workers"),
-    (("--bandwidth-gbit", "0"), "--bandwidth-gbit"),
-    (("--bandwidth-gbit", "-1"), "--bandwidth-gbit"),
-    (("--latency-us", "-1"), "--latency-us"),
-    (("--selection-ns-per-element", "-1"), "--selection-ns-per-element"),
-    (("--selection-ns-per-element", "nan"), "--selection-ns-per-element"),
-    (("--ratio", "0"), "--ratio"),
-    (("--ratio", "1.5"), "--ratio"),
-    (("--topology", "ring"), "--topology"),
+@pytest.mark.parametrize("option,value", [
+    ("--params", "0"), ("--params", "many"), ("--workers", "0"),
+    ("--workers", "2.5"), ("--bandwidth-gbit", "0"),
+    ("--bandwidth-gbit", "-1"), ("--latency-us", "-1"),
+    ("--selection-ns-per-element", "-1"),
+    ("--selection-ns-per-element", "nan"), ("--ratio", "0"),
+    ("--ratio", "1.5"), ("--topology", "ring"),
 ])
-def test_bad_input_exits_2_with_one_line(capsys, change, option):
+def test_bad_input_exits_2_with_one_line(capsys, option, value):
   args = list(ARGS)
-  if change[0] in args:
-    args[args.index(change[0]) + 1] = change[1]
+  if option in args:
+    args[args.index(option) + 1] = value
   else:
-    args += list(change)
+    args += [option, value]
   with pytest.raises(SystemExit) as exit_info:
     cli.main(args)
   assert exit_info.value.code == 2
