@@ -38,28 +38,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import gsparse_jax as gs
+from benchmarks.step_overhead import mlp_init
+from benchmarks.step_overhead import mlp_loss
 
 AXIS = "data"
 CALIBRATION_BYTES = (4,) + tuple(2**p for p in range(16, 27, 2))  # 4 B; 64 KiB .. 64 MiB
-
-
-def mlp_init(key, widths):
-  """Dense layers ``widths[0] -> ... -> widths[-1]``, scaled normal init."""
-  params = []
-  for fan_in, fan_out in zip(widths[:-1], widths[1:]):
-    key, sub = jax.random.split(key)
-    params.append({
-        "w": jax.random.normal(sub, (fan_in, fan_out)) / np.sqrt(fan_in),
-        "b": jnp.zeros((fan_out,)),
-    })
-  return params
-
-
-def mlp_loss(params, x, y):
-  for layer in params[:-1]:
-    x = jax.nn.relu(x @ layer["w"] + layer["b"])
-  logits = x @ params[-1]["w"] + params[-1]["b"]
-  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
 def mlp_shapes(widths) -> list[tuple[int, ...]]:

@@ -327,6 +327,34 @@ def predict(rows: list, networks: dict, ratio: float) -> list:
   return out
 
 
+def topology_check(samples: list) -> list:
+  """One `Network` per link rate, fitted to the 2- and 4-process collectives
+  together under each topology, and how well it reproduces them.
+
+  The shared-link model must explain both worker counts with one bandwidth;
+  the per-worker-link model cannot (on one loopback queue).
+  """
+  by_rate = collections.defaultdict(list)
+  for s in samples:
+    by_rate[s["rate_gbit"]].append(cost_model.Sample(
+        s["num_bytes"], s["processes"], s["seconds"], s["collective"]))
+  checks = []
+  for rate, group in by_rate.items():
+    if len({s.num_workers for s in group}) < 2:
+      continue
+    for topology in cost_model.TOPOLOGIES:
+      net = cost_model.calibrate(group, topology)
+      # Collectives of 1 MiB and more: where the bandwidth term matters.
+      errors = [abs(cost_model.collective_seconds(
+          s.collective, s.num_bytes, s.num_workers, net) - s.seconds)
+                / s.seconds for s in group if s.num_bytes >= 2**20]
+      checks.append({"rate_gbit": rate, "topology": topology,
+                     **net._asdict(),
+                     "median_error_from_1MiB": statistics.median(errors),
+                     "worst_error_from_1MiB": max(errors)})
+  return checks
+
+
 def model_errors(rows: list) -> dict:
   """Median and worst relative error of ``predicted_s`` vs ``step_s``."""
   def summary(selected):
@@ -340,9 +368,16 @@ def model_errors(rows: list) -> dict:
             "worst": max(errors),
             "worst_row": {k: worst[k] for k in ("compressor", "processes",
                                                  "rate_gbit", "params")}}
-  return {"all": summary(rows),
-          f"above_{SLOW_S * 1000:g}ms": summary(
-              [r for r in rows if r["step_s"] > SLOW_S])}
+  slow = [r for r in rows if r["step_s"] > SLOW_S]
+  errors = {"all": summary(rows), f"above_{SLOW_S * 1000:g}ms": summary(slow)}
+  for processes in sorted({r["processes"] for r in rows}):
+    errors[f"above_{SLOW_S * 1000:g}ms_{processes}_processes"] = summary(
+        [r for r in slow if r["processes"] == processes])
+  # Slow steps where the model says the network takes at least half.
+  errors[f"above_{SLOW_S * 1000:g}ms_network_bound"] = summary(
+      [r for r in slow if r.get("model_communication_s", 0.0)
+       >= 0.5 * r["predicted_s"]])
+  return errors
 
 
 # --------------------------------------------------------------------------
@@ -472,6 +507,7 @@ def assemble(groups: Sequence[dict], plan: dict) -> dict:
       "networks": [{"processes": p, "rate_gbit": rate, **net._asdict()}
                    for (p, rate), net in networks.items()],
       "model_errors": model_errors(rows) if networks else None,
+      "topology_check": topology_check(samples),
   }
 
 
@@ -496,6 +532,17 @@ def report(result: dict) -> list[str]:
         n["topology"]) for n in result["networks"]}
     lines += ["", "Cost model fitted to the collectives (shared link):", ""]
     lines += networks_table(networks)
+    if result["topology_check"]:
+      lines += ["", "One network per rate fitted to 2 and 4 processes together "
+                "(relative error on the collectives of 1 MiB and more):", ""]
+      lines += ["| rate | topology | fitted bandwidth | median error | worst |",
+                "|---|---|---|---|---|"]
+      for c in result["topology_check"]:
+        bandwidth = c["bandwidth_bytes_per_s"] * 8 / 1e9
+        lines.append(f"| {_rate_label(c['rate_gbit'])} | {c['topology']} | "
+                     f"{bandwidth:.3g} Gbit/s | "
+                     f"{c['median_error_from_1MiB']:.1%} | "
+                     f"{c['worst_error_from_1MiB']:.1%} |")
     lines.append("")
     for subset, e in result["model_errors"].items():
       if e["rows"]:
@@ -525,6 +572,9 @@ def parse_args(argv):
                            "module docstring)")
   parser.add_argument("--timeout-s", type=float, default=None,
                       help="kill everything after this long")
+  parser.add_argument("--from-json", metavar="DIR",
+                      help="rebuild the model, table and plot from the "
+                           "records in DIR/network.json (no measuring)")
   parser.add_argument("--inside-namespace", action="store_true",
                       help=argparse.SUPPRESS)
   return parser.parse_args(argv)
@@ -574,6 +624,14 @@ def run_inside(args) -> int:
 def main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   args = parse_args(argv)
+  if args.from_json:
+    with open(os.path.join(args.from_json, "network.json")) as f:
+      old = json.load(f)
+    result = assemble([{"samples": old["calibration_samples"],
+                        "rows": old["rows"]}], old["plan"])
+    write_outputs(result, args.out)
+    print("\n".join(report(result)))
+    return 0
   if args.inside_namespace:
     return run_inside(args)
   problem = namespace_problem()

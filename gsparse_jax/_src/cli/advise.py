@@ -29,6 +29,7 @@ HELP = ("projected step time of dense and each compressor for a model size, "
         "bandwidth")
 
 SELECTION_SIZE = 2**20  # entries timed when measuring selection here
+SELECTION_REPEATS = 15  # timed calls (median), cheap at SELECTION_SIZE
 BISECTION_GBIT = (1e-4, 1e5)  # bandwidths searched for the break-even
 
 
@@ -61,7 +62,8 @@ def configure(parser) -> None:
                       "the link (default 0; `benchmarks.network` fits it)")
 
 
-def measure_selection(compressor, size: int, repeats: int = 5) -> float:
+def measure_selection(compressor, size: int,
+                      repeats: int = SELECTION_REPEATS) -> float:
   """Seconds per entry of ``gs.compress`` (jitted) on ``size`` normal values."""
   import jax  # pylint: disable=import-outside-toplevel
   import gsparse_jax as gs  # pylint: disable=import-outside-toplevel
@@ -153,7 +155,7 @@ def run(args) -> int:
                          f"({type(error).__name__}: "
                          f"{str(error).splitlines()[0]})")
     selection_note = (f"measured on this machine: jitted gs.compress of "
-                      f"{size:,} float32 values, median of 5, taken as "
+                      f"{size:,} float32 values, median of {SELECTION_REPEATS}, taken as "
                       "linear in the parameters")
 
   print(f"gsparse advise: {num_params:,} parameters, {args.workers} workers, "
