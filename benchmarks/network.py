@@ -208,6 +208,7 @@ def run_group(num_processes: int, plan: dict,
   procs, logs = [], []
   records = {"SAMPLE": [], "ROW": []}
   deadline = time.monotonic() + timeout_s
+  load_before = os.getloadavg()
   try:
     for i in range(num_processes):
       log = open(os.path.join(log_dir, f"p{num_processes}-{i}.log"), "w")
@@ -237,7 +238,11 @@ def run_group(num_processes: int, plan: dict,
       p.wait()
     for log in logs:
       log.close()
-  return {"samples": records["SAMPLE"], "rows": records["ROW"]}
+  # The machine is shared: how busy it was says how far to trust the times.
+  return {"samples": records["SAMPLE"], "rows": records["ROW"],
+          "processes": num_processes,
+          "load_average": {"before": list(load_before),
+                           "after": list(os.getloadavg())}}
 
 
 def _serve(procs, plan, set_rate, records, deadline) -> None:
@@ -504,6 +509,8 @@ def assemble(groups: Sequence[dict], plan: dict) -> dict:
       "plan": plan,
       "rows": rows,
       "calibration_samples": samples,
+      "load_average": {g["processes"]: g["load_average"] for g in groups
+                       if "load_average" in g},
       "networks": [{"processes": p, "rate_gbit": rate, **net._asdict()}
                    for (p, rate), net in networks.items()],
       "model_errors": model_errors(rows) if networks else None,
@@ -629,6 +636,7 @@ def main(argv=None) -> int:
       old = json.load(f)
     result = assemble([{"samples": old["calibration_samples"],
                         "rows": old["rows"]}], old["plan"])
+    result["load_average"] = old.get("load_average", {})
     write_outputs(result, args.out)
     print("\n".join(report(result)))
     return 0
