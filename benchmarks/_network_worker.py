@@ -42,7 +42,8 @@ from benchmarks.step_overhead import mlp_init
 from benchmarks.step_overhead import mlp_loss
 
 AXIS = "data"
-CALIBRATION_BYTES = (4,) + tuple(2**p for p in range(16, 27, 2))  # 4 B; 64 KiB .. 64 MiB
+# 4 B (the latency), then 64 KiB .. 64 MiB by factors of 2 (the bandwidth).
+CALIBRATION_BYTES = (4,) + tuple(2**p for p in range(16, 27))
 
 
 def mlp_shapes(widths) -> list[tuple[int, ...]]:

@@ -108,17 +108,18 @@ def _unshare_command() -> list[str]:
   return ["unshare", "-n"] if os.geteuid() == 0 else ["unshare", "-r", "-n"]
 
 
-def tbf_command(rate_gbit: float, device: str = "lo") -> list[str]:
-  """``tc`` arguments shaping ``device`` to ``rate_gbit`` (token bucket).
+def tbf_burst_bytes(rate_gbit: float) -> int:
+  """The token bucket's size: at least 256 KiB and 2 ms of traffic at the
+  rate, so the 64 KiB loopback packets pass and high rates are reachable
+  with the kernel's timer granularity."""
+  return max(256 * 1024, int(rate_gbit * 1e9 / 8 * 2e-3))
 
-  The bucket holds at least 256 KiB and 2 ms of traffic at the rate, so the
-  64 KiB loopback packets pass and high rates are reachable with the
-  kernel's timer granularity.
-  """
-  burst = max(256 * 1024, int(rate_gbit * 1e9 / 8 * 2e-3))
+
+def tbf_command(rate_gbit: float, device: str = "lo") -> list[str]:
+  """``tc`` arguments shaping ``device`` to ``rate_gbit`` (token bucket)."""
   return ["tc", "qdisc", "replace", "dev", device, "root", "tbf", "rate",
-          f"{rate_gbit * 1000:g}mbit", "burst", str(burst), "latency",
-          "100ms"]
+          f"{rate_gbit * 1000:g}mbit", "burst",
+          str(tbf_burst_bytes(rate_gbit)), "latency", "100ms"]
 
 
 def namespace_problem() -> Optional[str]:
@@ -285,10 +286,28 @@ def _tail(path: str, lines: int = 30) -> str:
 # The model: calibration, predictions, errors.
 
 
+def in_steady_state(sample: dict) -> bool:
+  """Whether a calibration sample fits the alpha-beta model on this link.
+
+  A token bucket lets its first `tbf_burst_bytes` through at memory speed,
+  so collectives that put only a few buckets' worth on the link look faster
+  than the rate. The fit keeps the 4-byte samples (the latency) and those
+  moving at least 8 buckets (the bandwidth); unshaped, every sample.
+  """
+  rate = sample["rate_gbit"]
+  if rate is None or sample["num_bytes"] <= 4:
+    return True
+  _, sent = cost_model.ring_schedule(sample["collective"], sample["num_bytes"],
+                                     sample["processes"])
+  on_link = cost_model.link_bytes(sent, sample["processes"], "shared")
+  return on_link >= 8 * tbf_burst_bytes(rate)
+
+
 def fit_networks(samples: list) -> dict:
-  """(processes, rate) -> the `Network` fitted to that group's collectives."""
+  """(processes, rate) -> the `Network` fitted to that group's collectives
+  (those `in_steady_state`)."""
   groups = collections.defaultdict(list)
-  for s in samples:
+  for s in filter(in_steady_state, samples):
     groups[(s["processes"], s["rate_gbit"])].append(cost_model.Sample(
         s["num_bytes"], s["processes"], s["seconds"], s["collective"]))
   return {key: cost_model.calibrate(group, "shared")
@@ -340,7 +359,7 @@ def topology_check(samples: list) -> list:
   the per-worker-link model cannot (on one loopback queue).
   """
   by_rate = collections.defaultdict(list)
-  for s in samples:
+  for s in filter(in_steady_state, samples):
     by_rate[s["rate_gbit"]].append(cost_model.Sample(
         s["num_bytes"], s["processes"], s["seconds"], s["collective"]))
   checks = []

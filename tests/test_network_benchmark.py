@@ -96,6 +96,21 @@ def test_token_bucket_holds_two_ms_at_high_rates():
   assert int(network.tbf_command(0.1)[args.index("burst") + 1]) == 256 * 1024
 
 
+def test_calibration_keeps_latency_samples_and_those_past_the_burst():
+  sample = lambda num_bytes, rate, processes=2, collective="all_reduce": dict(
+      num_bytes=num_bytes, rate_gbit=rate, processes=processes,
+      collective=collective)
+  # 1 Gbit/s: a 256 KiB bucket, so 2 MiB must cross the link. An all-reduce
+  # of B on 2 workers puts 2 * (2 * 1/2 * B) = 2 B there.
+  assert network.in_steady_state(sample(2**20, 1.0))
+  assert not network.in_steady_state(sample(2**19, 1.0))
+  assert network.in_steady_state(sample(4, 1.0))  # the latency
+  # An all-gather of b on 4 workers: 4 * 3 * b; 2 MiB / 12 = 174763 B.
+  assert network.in_steady_state(sample(174763, 1.0, 4, "all_gather"))
+  assert not network.in_steady_state(sample(174762, 1.0, 4, "all_gather"))
+  assert network.in_steady_state(sample(2**16, None))  # unshaped: no bucket
+
+
 def test_without_namespaces_it_says_so_and_writes_nothing(monkeypatch,
                                                           tmp_path, capsys):
   monkeypatch.setattr(network.shutil, "which",
