@@ -37,6 +37,9 @@ inside a node or slice, slow across) is the sum of one collective per level,
 each on its own `Network` with that level's worker count. Read its output as
 a first-order estimate.
 
+Reference for the ring costs: Thakur, Rabenseifner, Gropp, "Optimization of
+Collective Communication Operations in MPICH", IJHPCA 19(1), 2005.
+
 Example:
   >>> net = network_from_gbit(100.0, latency_s=5e-6)
   >>> dense = project_step(1e9, 64, net, "dense")
