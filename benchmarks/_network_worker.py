@@ -23,8 +23,11 @@ process runs the same number of collectives.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
 import json
+import os
+import signal
 import statistics
 import sys
 import time
@@ -42,6 +45,7 @@ from benchmarks.step_overhead import mlp_init
 from benchmarks.step_overhead import mlp_loss
 
 AXIS = "data"
+LAUNCHER_PID_ENV = "GSPARSE_NETWORK_LAUNCHER_PID"
 # 4 B (the latency), then 64 KiB .. 64 MiB by factors of 2 (the bandwidth).
 CALIBRATION_BYTES = (4,) + tuple(2**p for p in range(16, 27))
 
@@ -91,6 +95,20 @@ def _seconds(call) -> float:
   start = time.perf_counter()
   jax.block_until_ready(call())
   return time.perf_counter() - start
+
+
+def die_with_parent() -> None:
+  """SIGKILL this process when its launcher dies (Linux), so that no worker
+  outlives it. Called by the child itself, not between fork and exec (which
+  is unsafe in a parent running JAX's threads); the launcher's pid comes in
+  `LAUNCHER_PID_ENV`, to catch a launcher that died before this call."""
+  try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # SET_PDEATHSIG
+  except (OSError, AttributeError):  # not Linux: the launcher still kills
+    return
+  launcher = os.environ.get(LAUNCHER_PID_ENV)
+  if launcher is not None and os.getppid() != int(launcher):
+    os._exit(1)
 
 
 def log(message: str) -> None:
@@ -263,6 +281,7 @@ class SizeBench:
 
 
 def run(args) -> None:
+  die_with_parent()
   with open(args.plan) as f:
     plan = json.load(f)
   jax.config.update("jax_num_cpu_devices", 1)

@@ -42,14 +42,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import ctypes
 import json
 import math
 import os
 import pathlib
 import select
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -161,14 +159,6 @@ class LoopbackShaper:
 # The launcher: P worker processes and the rate protocol of process 0.
 
 
-def _die_with_parent() -> None:
-  """In a child: SIGKILL when the launcher dies, so no worker outlives it."""
-  try:
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-  except OSError:  # not glibc: the launcher's finally still kills them
-    pass
-
-
 def _pythonpath() -> str:
   """This checkout first, so `benchmarks` imports from any directory."""
   return os.pathsep.join([str(ROOT), *filter(None, [os.environ.get(
@@ -205,7 +195,8 @@ def run_group(num_processes: int, plan: dict,
   with open(plan_path, "w") as f:
     json.dump(plan, f)
   coordinator = f"127.0.0.1:{free_port()}"
-  env = {**os.environ, **WORKER_ENV, "PYTHONPATH": _pythonpath()}
+  env = {**os.environ, **WORKER_ENV, "PYTHONPATH": _pythonpath(),
+         _network_worker.LAUNCHER_PID_ENV: str(os.getpid())}
   procs, logs = [], []
   records = {"SAMPLE": [], "ROW": []}
   deadline = time.monotonic() + timeout_s
@@ -219,8 +210,7 @@ def run_group(num_processes: int, plan: dict,
            "--process-id", str(i), "--num-processes", str(num_processes),
            "--coordinator", coordinator, "--plan", plan_path],
           cwd=ROOT, env=env, stdin=subprocess.PIPE if i == 0 else None,
-          stdout=subprocess.PIPE if i == 0 else log, stderr=log, text=True,
-          preexec_fn=_die_with_parent))
+          stdout=subprocess.PIPE if i == 0 else log, stderr=log, text=True))
     _serve(procs, plan, set_rate, records, deadline)
     for p in procs:
       p.wait(timeout=max(1.0, deadline - time.monotonic()))
@@ -608,6 +598,7 @@ def parse_args(argv):
 
 def run_inside(args) -> int:
   """The benchmark proper, in the namespace `main` made."""
+  _network_worker.die_with_parent()
   if args.quick:
     processes, rates, names = [2], [1.0], ["dense", "top_k"]
     timeout_s = args.timeout_s or 280.0
@@ -666,10 +657,11 @@ def main(argv=None) -> int:
     print(f"benchmarks.network: skipped: needs a network namespace with a "
           f"shaped loopback ({problem}).")
     return 0
-  env = {**os.environ, "PYTHONPATH": _pythonpath()}
+  env = {**os.environ, "PYTHONPATH": _pythonpath(),
+         _network_worker.LAUNCHER_PID_ENV: str(os.getpid())}
   child = subprocess.Popen(
       [*_unshare_command(), sys.executable, "-m", "benchmarks.network",
-       "--inside-namespace", *argv], env=env, preexec_fn=_die_with_parent)
+       "--inside-namespace", *argv], env=env)
   try:
     return child.wait()
   finally:
