@@ -56,6 +56,10 @@ def test_every_compressor_is_listed_or_skipped_with_a_reason(capsys):
       gs.compressor_names())
   assert ("hard_threshold", "hard_threshold calibrates its threshold on a "
           "sample gradient: pass `sample`.") in skipped
+  # Every compressor but the baseline gets a break-even, whatever its layout
+  # (a dense-layout compressor sending fewer bytes, e.g. a cast, too).
+  assert rows["dense"][5] == ""
+  assert all(row[5] for name, row in rows.items() if name != "dense")
 
 
 def test_winner_and_break_even_are_read_off_the_table(capsys):

@@ -472,8 +472,8 @@ def project_compressor(compressor: Any, num_params: float, num_workers: int,
     num_workers: `n >= 1`.
     network: the `Network`.
     bytes_per_value: 4 (float32 values on the wire) or 2 (bfloat16).
-    selection_s_per_element: measured selection time per gradient entry,
-      charged to every compressor but a dense one.
+    selection_s_per_element: measured selection time per gradient entry
+      (0 for the dense baseline, which sends the gradient as it is).
 
   Returns:
     A `StepCost` (its `layout` from `compressor_layout`).
@@ -494,7 +494,7 @@ def project_compressor(compressor: Any, num_params: float, num_workers: int,
   communication_s = sum(collective_seconds(c.kind, c.bytes, n, network)
                         for c in collectives)
   layout = compressor_layout(compressor, d)
-  selection_s = 0.0 if layout == "dense" else selection_s_per_element * d
+  selection_s = selection_s_per_element * d
   dense_s = ring_all_reduce_seconds(d * bytes_per_value, n, network)
   total_s = communication_s + selection_s
   return StepCost(layout, communication_s, selection_s, total_s,

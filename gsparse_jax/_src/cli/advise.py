@@ -62,6 +62,22 @@ def configure(parser) -> None:
                       "the link (default 0; `benchmarks.network` fits it)")
 
 
+def matrix_shape(num_params: int) -> tuple[int, int]:
+  """The most square ``(rows, cols)`` with ``rows * cols == d``.
+
+  The gradient as one matrix, for compressors that read a tensor's shape
+  (e.g. ARC-Top-K's rows); a prime ``d`` gives ``(1, d)``.
+
+  Example:
+    >>> matrix_shape(10**9), matrix_shape(12), matrix_shape(7)
+    ((31250, 32000), (3, 4), (1, 7))
+  """
+  rows = math.isqrt(int(num_params))
+  while num_params % rows:
+    rows -= 1
+  return rows, int(num_params) // rows
+
+
 def measure_selection(compressor, size: int,
                       repeats: int = SELECTION_REPEATS) -> float:
   """Seconds per entry of ``gs.compress`` (jitted) on ``size`` normal values."""
@@ -82,9 +98,12 @@ def measure_selection(compressor, size: int,
   return statistics.median(samples) / size
 
 
-def break_even_gbit(compressor, num_params, num_workers, network, dense,
-                    **kwargs):
-  """Bandwidth (Gbit/s) where ``compressor`` and ``dense`` cost the same.
+def break_even_gbit(compressor, num_params, num_workers, network, **kwargs):
+  """Bandwidth (Gbit/s) where ``compressor`` and the dense all-reduce tie.
+
+  Args:
+    compressor, num_params, num_workers, network, **kwargs: as for
+      `gs.cost_model.project_compressor`.
 
   Returns:
     ``(gbit, side)``: ``side`` is ``"below"`` when the compressor wins at
@@ -94,10 +113,9 @@ def break_even_gbit(compressor, num_params, num_workers, network, dense,
   """
   def gap(log_gbit):  # > 0: dense is faster
     net = network._replace(bandwidth_bytes_per_s=10 ** log_gbit * 1e9 / 8)
-    return (cost_model.project_compressor(compressor, num_params,
-                                          num_workers, net, **kwargs).total_s
-            - cost_model.project_compressor(dense, num_params, num_workers,
-                                            net, **kwargs).total_s)
+    cost = cost_model.project_compressor(compressor, num_params, num_workers,
+                                         net, **kwargs)
+    return cost.total_s - cost.dense_s
 
   low, high = (math.log10(g) for g in BISECTION_GBIT)
   at_low, at_high = gap(low), gap(high)
@@ -127,27 +145,33 @@ def run(args) -> int:
       args.bandwidth_gbit, args.latency_us * 1e-6,
       overhead_s_per_byte=args.overhead_ns_per_byte * 1e-9,
       topology=args.topology)
-  compressors, skipped = {}, {}
+  skipped = {}
+  shape = matrix_shape(num_params)
+  bases = {}
   for name in gs.compressor_names():
     try:
-      compressors[name] = gs.compressor_from_ratio(name, args.ratio)
-      cost_model.compressor_layout(compressors[name], num_params)
-    except (ValueError, TypeError) as error:  # needs a sample; no model
-      compressors.pop(name, None)
+      bases[name] = gs.compressor_from_ratio(name, args.ratio)
+    except ValueError as error:  # calibrates on a sample gradient
       skipped[name] = str(error).splitlines()[0]
-  dense = gs.dense()
+  compressors = {name: c.for_shape(shape) for name, c in bases.items()}
+  dense = gs.dense()  # the baseline: sends the gradient as it is, no selection
 
   if args.selection_ns_per_element is not None:
     given = args.selection_ns_per_element * 1e-9
-    selection = {name: given for name in compressors}
+    selection = {name: 0.0 if bases[name] == dense else given
+                 for name in compressors}
     selection_note = (f"given: {args.selection_ns_per_element:g} ns per "
                       "entry for every compressor")
   else:
     size = min(num_params, SELECTION_SIZE)
     selection = {}
-    for name, compressor in list(compressors.items()):
+    for name in list(compressors):
+      if bases[name] == dense:
+        selection[name] = 0.0
+        continue
       try:
-        selection[name] = measure_selection(compressor, size)
+        selection[name] = measure_selection(
+            bases[name].for_shape(matrix_shape(size)), size)
       except Exception as error:  # pylint: disable=broad-except
         # One compressor that fails to run must not hide the others' advice.
         del compressors[name]
@@ -155,8 +179,9 @@ def run(args) -> int:
                          f"({type(error).__name__}: "
                          f"{str(error).splitlines()[0]})")
     selection_note = (f"measured on this machine: jitted gs.compress of "
-                      f"{size:,} float32 values, median of {SELECTION_REPEATS}, taken as "
-                      "linear in the parameters")
+                      f"{size:,} float32 values, median of "
+                      f"{SELECTION_REPEATS}, taken as linear in the "
+                      "parameters")
 
   print(f"gsparse advise: {num_params:,} parameters, {args.workers} workers, "
         f"{args.bandwidth_gbit:g} Gbit/s links ({args.topology}), "
@@ -164,6 +189,9 @@ def run(args) -> int:
         f"host overhead, ratio {args.ratio:g}, float32 values, ring "
         "collectives")
   print(f"selection cost: {selection_note}")
+  print(f"tensor shape: compressors that use one (arc_top_k's rows, low-rank "
+        f"factors) see the gradient as one {shape[0]:,} x {shape[1]:,} "
+        "matrix")
   print("step time = communication + selection; the forward and backward "
         "passes are not included (the same for every row)")
   print()
@@ -178,9 +206,9 @@ def run(args) -> int:
         compressor, num_params, args.workers, network,
         selection_s_per_element=selection[name])
     costs[name] = cost
-    if cost.layout != "dense":
+    if bases[name] != dense:
       break_even[name] = break_even_gbit(
-          compressor, num_params, args.workers, network, dense,
+          compressor, num_params, args.workers, network,
           selection_s_per_element=selection[name])
     wins = _format_break_even(*break_even[name]) if name in break_even else ""
     print(f"{name:<16}{cost.layout:<10}{cost.bytes_per_worker / 1e6:>12.4f}"
