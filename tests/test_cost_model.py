@@ -243,7 +243,7 @@ SAMPLE = np.random.default_rng(0).normal(size=(2000,)).astype(np.float32)
 
 
 @pytest.mark.parametrize("name", ["dense", "top_k", "rand_k", "arc_top_k",
-                                  "hard_threshold"])
+                                  "hard_threshold", "gaussian_k"])
 def test_projected_bytes_match_the_libraries_statistics(name):
   # What the model charges per worker = what `comm_stats` counts for one
   # step of the real transformation on a vector of the same size.
