@@ -11,12 +11,13 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
+from gsparse_jax._src.cli import advise
 from gsparse_jax._src.cli import bench
 from gsparse_jax._src.cli import common
 from gsparse_jax._src.cli import compare
 from gsparse_jax._src.cli import info
 
-COMMANDS: tuple = (compare, info, bench)
+COMMANDS: tuple = (compare, info, bench, advise)
 
 
 def build_parser() -> common.OneLineParser:

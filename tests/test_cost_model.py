@@ -1,10 +1,15 @@
 """Tests for `gsparse_jax._src.cost_model` against hand-computed numbers."""
 
 import doctest
+import math
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
+import gsparse_jax as gs
 from gsparse_jax._src import cost_model as cm
+from gsparse_jax._src import wire
 
 # alpha = 10 us, beta = 1 GB/s: easy arithmetic.
 NET = cm.Network(latency_s=1e-5, bandwidth_bytes_per_s=1e9)
@@ -119,6 +124,145 @@ def test_network_validation():
     cm.network_from_gbit(0.0)
   with pytest.raises(ValueError, match="latency_s must be >= 0"):
     cm.network_from_gbit(1.0, latency_s=-1.0)
+
+
+# Topology, overhead and calibration.
+
+SHARED = cm.Network(1e-5, 1e9, 0.0, "shared")
+
+
+def test_shared_link_carries_every_workers_bytes():
+  # All-reduce of 1e6 B over 4 workers: each sends 2 * 3/4 * 1e6 = 1.5e6 B;
+  # on one shared link 4 * 1.5e6 = 6e6 B -> 6e-3 s, plus 6 steps of 1e-5.
+  assert cm.ring_all_reduce_seconds(1e6, 4, SHARED) == pytest.approx(6.06e-3)
+  # All-gather of 1e5 B each: each sends 3e5 B, the link 1.2e6 B.
+  assert cm.all_gather_seconds(1e5, 4, SHARED) == pytest.approx(1.23e-3)
+  # A link per worker: the classic ring figures (test_ring_all_reduce).
+  per_worker = SHARED._replace(topology="per_worker")
+  assert cm.ring_all_reduce_seconds(1e6, 4, per_worker) == pytest.approx(
+      1.56e-3)
+
+
+def test_per_byte_overhead_is_charged_on_bytes_sent():
+  net = cm.Network(0.0, math.inf, 2e-9, "shared")
+  # 1.5e6 B sent per worker * 2 ns, whatever the topology or bandwidth.
+  assert cm.ring_all_reduce_seconds(1e6, 4, net) == pytest.approx(3e-3)
+  assert cm.all_gather_seconds(1e5, 4, net) == pytest.approx(6e-4)
+
+
+def _exact_samples(true, workers=(2, 4), sizes=(4.0, 1e5, 1e6, 1e7)):
+  return [cm.Sample(b, n, cm.collective_seconds(c, b, n, true), c)
+          for c in cm.COLLECTIVES for n in workers for b in sizes]
+
+
+def test_calibrate_recovers_known_constants_on_a_shared_link():
+  true = cm.Network(3e-4, 1.25e8, 4e-9, "shared")
+  fitted = cm.calibrate(_exact_samples(true), "shared")
+  assert fitted.topology == "shared"
+  assert fitted.latency_s == pytest.approx(3e-4, rel=1e-6)
+  assert fitted.bandwidth_bytes_per_s == pytest.approx(1.25e8, rel=1e-6)
+  assert fitted.overhead_s_per_byte == pytest.approx(4e-9, rel=1e-6)
+
+
+def test_calibrate_with_a_known_bandwidth_fits_latency_and_overhead():
+  true = cm.Network(5e-5, 1e9, 1e-9, "per_worker")
+  fitted = cm.calibrate(_exact_samples(true), bandwidth_bytes_per_s=1e9)
+  assert fitted.bandwidth_bytes_per_s == 1e9
+  assert fitted.latency_s == pytest.approx(5e-5, rel=1e-6)
+  assert fitted.overhead_s_per_byte == pytest.approx(1e-9, rel=1e-6)
+
+
+def test_calibrate_keeps_constants_non_negative_and_fits_relative_error():
+  # Times proportional to the bytes but the small one a little faster than
+  # that: unconstrained least squares would give a negative latency. With
+  # alpha = gamma = 0 the relative residuals are c * r_i - 1 with
+  # r_i = link_bytes_i / t_i, minimized by c = sum(r) / sum(r^2).
+  # (With 2 workers only, bandwidth and overhead cannot be told apart: the
+  # fit puts the cost on the bandwidth.)
+  times = [0.9e-3, 1e-2, 1e-1]
+  samples = [(b, 2, t) for b, t in zip((1e6, 1e7, 1e8), times)]
+  link = [2e6, 2e7, 2e8]  # shared: 2 workers * (2 * 1/2 * B) each
+  r = np.array(link) / np.array(times)
+  inverse_beta = r.sum() / (r ** 2).sum()
+  fitted = cm.calibrate(samples, "shared")
+  assert fitted.latency_s == 0.0
+  assert fitted.overhead_s_per_byte == 0.0
+  assert fitted.bandwidth_bytes_per_s == pytest.approx(1 / inverse_beta)
+
+
+def test_calibrate_with_no_bandwidth_term_gives_an_infinite_bandwidth():
+  true = cm.Network(1e-4, math.inf, 2e-9, "shared")
+  fitted = cm.calibrate(_exact_samples(true), "shared")
+  assert math.isinf(fitted.bandwidth_bytes_per_s)
+  assert fitted.overhead_s_per_byte == pytest.approx(2e-9, rel=1e-6)
+
+
+@pytest.mark.parametrize("samples,kwargs,message", [
+    ([(1e6, 2, 1e-3)], {}, "at least 3 samples"),
+    ([(1e6, 1, 1e-3)] * 3, {}, ">= 2 workers"),
+    ([(1e6, 2, 0.0)] * 3, {}, "times must be > 0"),
+    ([(1e6, 2, 1e-3)] * 3, {"topology": "ring"}, "topology must be one of"),
+    ([(1e6, 2, 1e-3, "broadcast")] * 3, {}, "collective must be one of"),
+])
+def test_calibrate_rejects_bad_input(samples, kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    cm.calibrate(samples, **kwargs)
+
+
+def test_compressor_layout():
+  assert cm.compressor_layout(gs.dense(), 1e4) == "dense"
+  assert cm.compressor_layout(gs.top_k(0.01), 1e4) == "sparse"
+  assert cm.compressor_layout(gs.rand_k(0.01), 1e4) == "aligned"
+  assert cm.compressor_layout(gs.rand_k(0.01, shared=False), 1e4) == "sparse"
+  assert cm.compressor_layout(gs.arc_top_k(0.01), 1e4) == "arc"
+
+
+
+class _LowRank:
+  """A compressor of a format of its own, known only by its `wire`."""
+
+  layout = "low_rank"
+
+  def wire(self, size, value_dtype):
+    del value_dtype
+    return (wire.all_reduce(4 * size // 100), wire.all_reduce(4 * 50))
+
+
+def test_a_compressor_of_its_own_format_is_projected_from_its_wire():
+  compressor = _LowRank()
+  assert cm.compressor_layout(compressor, 1e6) == "low_rank"
+  cost = cm.project_compressor(compressor, 1e6, 4, NET,
+                               selection_s_per_element=1e-9)
+  # Two all-reduces on 4 workers: 1.5 * (4e4 + 200) / 1e9 + 2 * 6 * 1e-5.
+  assert cost.communication_s == pytest.approx(1.5 * 40200 / 1e9 + 1.2e-4)
+  assert cost.selection_s == pytest.approx(1e-3)
+  assert cost.bytes_per_worker == 40200
+
+
+SAMPLE = np.random.default_rng(0).normal(size=(2000,)).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", ["dense", "top_k", "rand_k", "arc_top_k",
+                                  "hard_threshold", "gaussian_k"])
+def test_projected_bytes_match_the_libraries_statistics(name):
+  # What the model charges per worker = what `comm_stats` counts for one
+  # step of the real transformation on a vector of the same size.
+  d = SAMPLE.size
+  compressor = gs.compressor_from_ratio(name, 0.01, SAMPLE)
+  tx = gs.sparsify(compressor)
+  _, state = tx.update(jnp.asarray(SAMPLE), tx.init(jnp.zeros(d)))
+  counted = gs.comm_stats(state)["sent_bytes"]
+  assert cm.project_compressor(compressor, d, 4, NET).bytes_per_worker == (
+      counted)
+
+
+def test_project_compressor_matches_project_step():
+  arc = gs.arc_top_k(0.01)
+  d = 1_000_000  # rows of 1000: 10 rows kept, 1000 * 4 sketch values
+  got = cm.project_compressor(arc, d, 8, NET, selection_s_per_element=1e-9)
+  want = cm.project_step(d, 8, NET, "arc", ratio=0.01, sketch_rank=4,
+                         selection_s_per_element=1e-9)
+  assert got == want
 
 
 def test_docstring_example():

@@ -1,21 +1,44 @@
 """Alpha-beta model of the communication time of one training step.
 
-A message of `B` bytes between two workers costs `alpha + B / beta`: a fixed
-latency `alpha` (seconds) and a bandwidth `beta` (bytes per second). With `n`
-workers on a ring (the bandwidth-optimal schedules that NCCL, Gloo and XLA
-use for large messages):
+A collective is a number of message steps (each paying a fixed latency
+`alpha`, seconds) and the bytes every worker sends. With `n` workers on a
+ring (the bandwidth-optimal schedules that NCCL, Gloo and XLA use for large
+messages):
 
-- all-reduce of `B` bytes (reduce-scatter + all-gather, each `n - 1` steps of
-  `B / n` bytes): `2 (n - 1) / n * B / beta + 2 (n - 1) alpha`;
-- all-gather of `b` bytes per worker (`n - 1` steps of `b` bytes):
-  `(n - 1) * b / beta + (n - 1) alpha`.
+- all-reduce of `B` bytes (reduce-scatter + all-gather): `2 (n - 1)` steps,
+  each worker sending `2 (n - 1) / n * B` bytes;
+- all-gather of `b` bytes per worker: `n - 1` steps, each worker sending
+  `(n - 1) * b` bytes.
 
-`project_step` applies these to the payload layouts of `gsparse_jax`
-(docs/algorithms.md, "Aggregation") and adds the measured selection time, to
-project where compression pays off at scales that cannot be run here. The
-model ignores compute/communication overlap, congestion and the
-hierarchical (intra-node vs inter-node) structure of real clusters: read
-its output as a first-order estimate.
+The time of `s` steps in which each worker sends `S` bytes is
+
+  `s * alpha + L(S) / beta + gamma * S`
+
+where `beta` is the bandwidth of one link (bytes per second), `gamma` a
+per-byte cost that does not depend on the link (copies, reductions and the
+network stack on the host; 0 by default) and `L(S)` the bytes crossing the
+busiest link, set by the `Network`'s topology:
+
+- `"per_worker"`: every worker has a link of its own (a switched cluster),
+  `L(S) = S`: the classic ring formulas
+  `2 (n - 1) / n * B / beta + 2 (n - 1) alpha` and
+  `(n - 1) * b / beta + (n - 1) alpha`;
+- `"shared"`: all workers share one link (one NIC, one loopback queue),
+  `L(S) = n * S`.
+
+`calibrate` fits `alpha`, `beta` and `gamma` to measured collective times.
+`project_step` applies the formulas to the payload layouts of
+`gsparse_jax` (docs/algorithms.md, "Aggregation") and
+`project_compressor` to the collectives a compressor declares (its
+`wire`); both add the measured selection time, to project where
+compression pays off at scales that cannot be run here. The model ignores
+compute/communication overlap and congestion; a two-level network (fast
+inside a node or slice, slow across) is the sum of one collective per level,
+each on its own `Network` with that level's worker count. Read its output as
+a first-order estimate.
+
+Reference for the ring costs: Thakur, Rabenseifner, Gropp, "Optimization of
+Collective Communication Operations in MPICH", IJHPCA 19(1), 2005.
 
 Example:
   >>> net = network_from_gbit(100.0, latency_s=5e-6)
@@ -28,11 +51,18 @@ Example:
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import itertools
+import math
+from typing import Any, Iterable, NamedTuple, Optional
+
+import numpy as np
 
 from gsparse_jax._src import wire
 
 LAYOUTS = ("dense", "sparse", "aligned", "arc")
+TOPOLOGIES = ("per_worker", "shared")
+COLLECTIVES = wire.KINDS  # ("all_reduce", "all_gather")
+DEFAULT_LATENCY_S = 5e-6  # a fast datacenter fabric
 
 
 class Network(NamedTuple):
@@ -40,11 +70,18 @@ class Network(NamedTuple):
 
   Attributes:
     latency_s: alpha, the fixed cost of one message step in seconds.
-    bandwidth_bytes_per_s: beta, bytes per second of one link.
+    bandwidth_bytes_per_s: beta, bytes per second of one link (`inf` for a
+      link that is never the bottleneck).
+    overhead_s_per_byte: gamma, host time per byte a worker sends,
+      whatever the link (copies, reductions, the network stack).
+    topology: one of `TOPOLOGIES`: `"per_worker"` (a link per worker) or
+      `"shared"` (every worker's bytes cross one link).
   """
 
   latency_s: float
   bandwidth_bytes_per_s: float
+  overhead_s_per_byte: float = 0.0
+  topology: str = "per_worker"
 
 
 class StepCost(NamedTuple):
@@ -69,13 +106,35 @@ class StepCost(NamedTuple):
   speedup_over_dense: float
 
 
-def network_from_gbit(gbit_per_s: float, latency_s: float = 5e-6) -> Network:
+class Sample(NamedTuple):
+  """One measured collective, for `calibrate`.
+
+  Attributes:
+    num_bytes: the buffer size: the reduced buffer of an all-reduce, or
+      each worker's contribution to an all-gather.
+    num_workers: `n`.
+    seconds: the measured time.
+    collective: one of `COLLECTIVES`.
+  """
+
+  num_bytes: float
+  num_workers: int
+  seconds: float
+  collective: str = "all_reduce"
+
+
+def network_from_gbit(gbit_per_s: float,
+                      latency_s: float = DEFAULT_LATENCY_S, *,
+                      overhead_s_per_byte: float = 0.0,
+                      topology: str = "per_worker") -> Network:
   """A `Network` from a link speed in Gbit/s.
 
   Args:
     gbit_per_s: link bandwidth in gigabits (1e9 bits) per second.
     latency_s: per-message latency in seconds (5 us: a fast datacenter
       fabric; 50 us is more typical of TCP over Ethernet).
+    overhead_s_per_byte: host time per byte sent (see `Network`).
+    topology: one of `TOPOLOGIES`.
 
   Returns:
     A `Network`.
@@ -84,7 +143,65 @@ def network_from_gbit(gbit_per_s: float, latency_s: float = 5e-6) -> Network:
     raise ValueError(f"gbit_per_s must be > 0, got {gbit_per_s}.")
   if not latency_s >= 0:
     raise ValueError(f"latency_s must be >= 0, got {latency_s}.")
-  return Network(latency_s, gbit_per_s * 1e9 / 8)
+  if not overhead_s_per_byte >= 0:
+    raise ValueError(
+        f"overhead_s_per_byte must be >= 0, got {overhead_s_per_byte}.")
+  _check_topology(topology)
+  return Network(latency_s, gbit_per_s * 1e9 / 8, overhead_s_per_byte,
+                 topology)
+
+
+def ring_schedule(collective: str, num_bytes: float,
+                  num_workers: int) -> tuple[int, float]:
+  """Message steps and bytes each worker sends in a ring collective.
+
+  Args:
+    collective: `"all_reduce"` (of a `num_bytes` buffer) or `"all_gather"`
+      (of `num_bytes` from each worker).
+    num_bytes: the buffer size.
+    num_workers: `n >= 1`.
+
+  Returns:
+    `(steps, bytes_sent_per_worker)`: `(2 (n - 1), 2 (n - 1) / n * B)` for an
+    all-reduce, `(n - 1, (n - 1) * b)` for an all-gather.
+  """
+  n = _check_workers(num_workers)
+  if collective == wire.ALL_REDUCE:
+    return 2 * (n - 1), 2 * (n - 1) / n * num_bytes
+  if collective == wire.ALL_GATHER:
+    return n - 1, (n - 1) * num_bytes
+  raise ValueError(
+      f"collective must be one of {COLLECTIVES}, got {collective!r}.")
+
+
+def link_bytes(bytes_per_worker: float, num_workers: int,
+               topology: str) -> float:
+  """Bytes crossing the busiest link when each worker sends `S` bytes.
+
+  `S` with a link per worker; `n * S` when the workers share one link.
+  """
+  _check_topology(topology)
+  return bytes_per_worker * (num_workers if topology == "shared" else 1)
+
+
+def collective_seconds(collective: str, num_bytes: float, num_workers: int,
+                       network: Network) -> float:
+  """Time of one ring collective on `network` (see the module docstring).
+
+  Args:
+    collective: one of `COLLECTIVES`.
+    num_bytes: the buffer size (see `ring_schedule`).
+    num_workers: `n >= 1`; one worker communicates nothing.
+    network: the `Network`.
+
+  Returns:
+    `steps * alpha + L(S) / beta + gamma * S` seconds.
+  """
+  steps, sent = ring_schedule(collective, num_bytes, num_workers)
+  on_link = link_bytes(sent, num_workers, network.topology)
+  return (steps * network.latency_s
+          + on_link / network.bandwidth_bytes_per_s
+          + network.overhead_s_per_byte * sent)
 
 
 def ring_all_reduce_seconds(num_bytes: float, num_workers: int,
@@ -97,12 +214,10 @@ def ring_all_reduce_seconds(num_bytes: float, num_workers: int,
     network: the `Network`.
 
   Returns:
-    `2 (n - 1) / n * B / beta + 2 (n - 1) alpha` seconds.
+    `2 (n - 1) / n * B / beta + 2 (n - 1) alpha` seconds on a link per
+    worker (plus the overhead and topology terms of `collective_seconds`).
   """
-  n = _check_workers(num_workers)
-  steps = n - 1
-  return (2 * steps / n * num_bytes / network.bandwidth_bytes_per_s
-          + 2 * steps * network.latency_s)
+  return collective_seconds("all_reduce", num_bytes, num_workers, network)
 
 
 def all_gather_seconds(bytes_per_worker: float, num_workers: int,
@@ -115,12 +230,109 @@ def all_gather_seconds(bytes_per_worker: float, num_workers: int,
     network: the `Network`.
 
   Returns:
-    `(n - 1) * b / beta + (n - 1) alpha` seconds.
+    `(n - 1) * b / beta + (n - 1) alpha` seconds on a link per worker (plus
+    the overhead and topology terms of `collective_seconds`).
   """
-  n = _check_workers(num_workers)
-  steps = n - 1
-  return (steps * bytes_per_worker / network.bandwidth_bytes_per_s
-          + steps * network.latency_s)
+  return collective_seconds("all_gather", bytes_per_worker, num_workers,
+                            network)
+
+
+def calibrate(samples: Iterable[Any], topology: str = "per_worker", *,
+              bandwidth_bytes_per_s: Optional[float] = None) -> Network:
+  """Fits a `Network` to measured collective times.
+
+  Each sample gives `steps`, `S` (bytes a worker sends) and `L(S)` (bytes on
+  the busiest link) from `ring_schedule` and `link_bytes`; the model
+  `seconds = steps * alpha + L(S) * (1 / beta) + S * gamma` is linear in
+  `(alpha, 1 / beta, gamma)`. They are fitted by non-negative least squares
+  on RELATIVE residuals (each equation divided by its measured time, so a
+  1 ms and a 10 s collective weigh the same): every subset of the unknowns
+  is solved by ordinary least squares and the best fit with no negative
+  constant is kept. An unknown fitted to 0 drops out (`1 / beta = 0` gives
+  an infinite bandwidth).
+
+  With a link per worker `L(S) = S`, so the bandwidth and the per-byte
+  overhead cannot be told apart: the fit puts the per-byte cost on the
+  bandwidth unless `bandwidth_bytes_per_s` is given. Samples with 2 and 4
+  workers on a shared link separate them.
+
+  Args:
+    samples: `Sample`s, or `(num_bytes, num_workers, seconds)` tuples
+      (all-reduces), or 4-tuples with the collective last.
+    topology: one of `TOPOLOGIES`, the topology the samples ran on.
+    bandwidth_bytes_per_s: the link bandwidth when known (e.g. a rate set
+      with `tc`): then only `alpha` and `gamma` are fitted.
+
+  Returns:
+    The fitted `Network`.
+
+  Raises:
+    ValueError: on fewer samples than unknowns, a one-worker sample, or a
+      non-positive time.
+
+  Example:
+    >>> true = Network(1e-4, 1.25e8, 0.0, "shared")
+    >>> samples = [Sample(b, n, collective_seconds("all_reduce", b, n, true))
+    ...            for b in (1e5, 1e6, 1e7) for n in (2, 4)]
+    >>> fitted = calibrate(samples, "shared")
+    >>> round(fitted.latency_s * 1e6), round(fitted.bandwidth_bytes_per_s)
+    (100, 125000000)
+  """
+  _check_topology(topology)
+  samples = [Sample(*s) for s in samples]
+  rows, times = [], []
+  for s in samples:
+    if not s.seconds > 0:
+      raise ValueError(f"sample times must be > 0, got {s}.")
+    if _check_workers(s.num_workers) < 2:
+      raise ValueError(f"samples need >= 2 workers, got {s}.")
+    steps, sent = ring_schedule(s.collective, s.num_bytes, s.num_workers)
+    rows.append([steps, link_bytes(sent, s.num_workers, topology), sent])
+    times.append(s.seconds)
+  a, y = np.asarray(rows, np.float64), np.asarray(times, np.float64)
+  unknowns = [0, 1, 2]
+  if bandwidth_bytes_per_s is not None:
+    if not bandwidth_bytes_per_s > 0:
+      raise ValueError("bandwidth_bytes_per_s must be > 0, got "
+                       f"{bandwidth_bytes_per_s}.")
+    y = y - a[:, 1] / bandwidth_bytes_per_s
+    unknowns = [0, 2]
+  if len(samples) < len(unknowns):
+    raise ValueError(f"calibrate needs at least {len(unknowns)} samples, "
+                     f"got {len(samples)}.")
+  coef = _nonnegative_least_squares(a, y, unknowns, weights=1.0 / np.asarray(
+      times))
+  bandwidth = bandwidth_bytes_per_s if bandwidth_bytes_per_s is not None else (
+      1.0 / coef[1] if coef[1] > 0 else math.inf)
+  return Network(float(coef[0]), float(bandwidth), float(coef[2]), topology)
+
+
+def _nonnegative_least_squares(a, y, unknowns, weights):
+  """Least squares over the columns `unknowns` of `a`, coefficients >= 0.
+
+  Exhaustive over column subsets (there are at most 3 unknowns): the
+  non-negative solution with the smallest weighted residual; earlier (larger)
+  subsets win ties. Columns outside the chosen subset get 0.
+  """
+  wa, wy = a * weights[:, None], y * weights
+  # Scale the columns to unit norm so the rank test sees bytes and steps alike.
+  norms = np.linalg.norm(wa, axis=0)
+  norms[norms == 0] = 1.0
+  best, best_residual = np.zeros(a.shape[1]), math.inf
+  for size in range(len(unknowns), 0, -1):
+    for subset in itertools.combinations(unknowns, size):
+      cols = list(subset)
+      scaled = wa[:, cols] / norms[cols]
+      if np.linalg.matrix_rank(scaled) < len(cols):
+        continue
+      solution = np.linalg.lstsq(scaled, wy, rcond=None)[0] / norms[cols]
+      if np.any(solution < 0):
+        continue
+      residual = float(np.sum((wa[:, cols] @ solution - wy) ** 2))
+      if residual < best_residual * (1 - 1e-9):
+        best, best_residual = np.zeros(a.shape[1]), residual
+        best[cols] = solution
+  return best
 
 
 def budget(num_params: float, ratio: float) -> int:
@@ -215,6 +427,81 @@ def project_step(
                   float(sent_bytes), dense_s, speedup)
 
 
+def compressor_layout(compressor: Any, num_params: float) -> str:
+  """The name under which the model reports a compressor's collectives.
+
+  Its own `layout` (`"dense"`, `"sparse"`, `"aligned"` or a format of its
+  own), except that an aligned compressor that also all-reduces something
+  else to agree on its indices (a sketch, as ARC-Top-K: more than one
+  collective in its `wire`) is `"arc"`.
+
+  Args:
+    compressor: a `gsparse_jax` compressor.
+    num_params: the gradient size `d`.
+
+  Returns:
+    One of `LAYOUTS`, or the compressor's own layout name.
+
+  Example:
+    >>> import gsparse_jax as gs
+    >>> [compressor_layout(c, 10_000) for c in
+    ...  (gs.dense(), gs.top_k(0.01), gs.rand_k(0.01), gs.arc_top_k(0.01))]
+    ['dense', 'sparse', 'aligned', 'arc']
+  """
+  layout = compressor.layout
+  if layout == "aligned" and len(compressor.wire(int(num_params),
+                                                 np.float32)) > 1:
+    return "arc"
+  return layout
+
+
+def project_compressor(compressor: Any, num_params: float, num_workers: int,
+                       network: Network, *, bytes_per_value: int = 4,
+                       selection_s_per_element: float = 0.0) -> StepCost:
+  """Projects one step of any `gsparse_jax` compressor from its `wire`.
+
+  The compressor declares the collectives one worker joins for a vector of
+  `d` values and their bytes (`Compressor.wire`, the same figures
+  `comm_stats` counts); each is timed with `collective_seconds`, so a new
+  compressor needs nothing here. For the standard layouts this is
+  `project_step` at the compressor's capacity.
+
+  Args:
+    compressor: a `gsparse_jax` compressor.
+    num_params: gradient size `d`.
+    num_workers: `n >= 1`.
+    network: the `Network`.
+    bytes_per_value: 4 (float32 values on the wire) or 2 (bfloat16).
+    selection_s_per_element: measured selection time per gradient entry
+      (0 for the dense baseline, which sends the gradient as it is).
+
+  Returns:
+    A `StepCost` (its `layout` from `compressor_layout`).
+
+  Example:
+    >>> import gsparse_jax as gs
+    >>> net = Network(0.0, 1e9)
+    >>> project_compressor(gs.top_k(0.01), 1e6, 4, net).bytes_per_worker
+    80000.0
+  """
+  d = int(num_params)
+  n = _check_workers(num_workers)
+  if not selection_s_per_element >= 0:
+    raise ValueError("selection_s_per_element must be >= 0, got "
+                     f"{selection_s_per_element}.")
+  value_dtype = {4: np.float32, 2: np.float16}[bytes_per_value]
+  collectives = compressor.wire(d, value_dtype)
+  communication_s = sum(collective_seconds(c.kind, c.bytes, n, network)
+                        for c in collectives)
+  layout = compressor_layout(compressor, d)
+  selection_s = selection_s_per_element * d
+  dense_s = ring_all_reduce_seconds(d * bytes_per_value, n, network)
+  total_s = communication_s + selection_s
+  return StepCost(layout, communication_s, selection_s, total_s,
+                  float(wire.total_bytes(collectives)), dense_s,
+                  dense_s / total_s if total_s > 0 else 1.0)
+
+
 def best_layout(num_params: float, num_workers: int, network: Network,
                 **kwargs) -> StepCost:
   """The `StepCost` of the fastest layout (dense included).
@@ -231,6 +518,13 @@ def best_layout(num_params: float, num_workers: int, network: Network,
   costs = [project_step(num_params, num_workers, network, layout, **kwargs)
            for layout in LAYOUTS]
   return min(costs, key=lambda cost: cost.total_s)
+
+
+def _check_topology(topology) -> str:
+  if topology not in TOPOLOGIES:
+    raise ValueError(f"topology must be one of {TOPOLOGIES}, got "
+                     f"{topology!r}.")
+  return topology
 
 
 def _check_workers(num_workers) -> int:
