@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Optional
 
 from gsparse_jax._src.cli import common
 
@@ -212,18 +211,17 @@ def _check_checkpoints(args, names, settings) -> None:
           f"checkpoint of {name}")
 
 
-def cost_layout(name: str, compressor) -> Optional[str]:
-  """The `gs.cost_model` layout that prices one step of ``compressor``.
-
-  The compressor's aggregation layout, except that ARC-Top-K's aligned rows
-  also pay for the all-reduce of its sketch (the model's ``"arc"``). None
-  when the cost model has no layout for it.
-  """
+def projected_comm_seconds(compressor, param_leaves, granularity: str,
+                           workers: int, network) -> float:
+  """Communication time of one step, from the collectives every compressed
+  segment of the model declares (`Compressor.wire`), priced by
+  `gs.cost_model`: the same segments and bytes `sparsify` counts."""
   from gsparse_jax import cost_model  # pylint: disable=g-import-not-at-top
+  from gsparse_jax._src import transform  # pylint: disable=g-import-not-at-top
 
-  layout = "arc" if name == "arc_top_k" else getattr(compressor, "layout",
-                                                     None)
-  return layout if layout in cost_model.LAYOUTS else None
+  segments = transform.plan(param_leaves, granularity, compressor)
+  return sum(cost_model.collective_seconds(c.kind, c.bytes, workers, network)
+             for segment in segments for c in segment.wire())
 
 
 def _sample_gradient(task, seed):
@@ -258,10 +256,9 @@ def _run_one(name, task, settings, args, devices, sample, progress) -> dict:
                                         sent=p.sent_bytes))
   stats = outcome.stats
   network = gs.cost_model.network_from_gbit(args.bandwidth_gbit)
-  layout = cost_layout(name, compressor)
-  projected = None if layout is None else gs.cost_model.project_step(
-      outcome.num_params, args.workers, network, layout,
-      ratio=args.ratio).total_s
+  layout = gs.cost_model.compressor_layout(compressor, outcome.num_params)
+  projected = projected_comm_seconds(compressor, run.param_leaves,
+                                     args.granularity, args.workers, network)
   return {
       "compressor": name,
       "feedback": args.feedback,

@@ -137,8 +137,9 @@ class Run:
 
     self.task, self.settings = task, settings
     model = task.make_model(settings.seed)
-    self.num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(
-        nnx.state(model, nnx.Param)))
+    self.param_leaves = [jax.ShapeDtypeStruct(p.shape, p.dtype)
+                         for p in jax.tree.leaves(nnx.state(model, nnx.Param))]
+    self.num_params = sum(int(np.prod(p.shape)) for p in self.param_leaves)
     self.model_graphdef, _ = nnx.split(model)
     optimizer = nnx.Optimizer(model, make_tx(compressor, settings),
                               wrt=nnx.Param)
