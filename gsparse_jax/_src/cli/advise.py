@@ -50,10 +50,7 @@ def configure(parser) -> None:
                       type=common.bounded(float, 0), default=None,
                       help="selection cost per gradient entry, for every "
                       "compressor (default: measured on this machine)")
-  parser.add_argument("--ratio", type=common.bounded(float, 0, 1,
-                                                     low_open=True),
-                      default=0.01, help="fraction of entries kept "
-                      "(default %(default)s)")
+  common.add_ratio_option(parser)
   parser.add_argument("--topology", choices=cost_model.TOPOLOGIES,
                       default="per_worker", help="a link per worker "
                       "(default) or one link shared by all workers")

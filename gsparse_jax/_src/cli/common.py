@@ -94,3 +94,10 @@ def request_cpu_devices(count: int) -> None:
       jax.config.update("jax_num_cpu_devices", count)
     except RuntimeError:  # a backend is up already
       pass
+
+
+def add_ratio_option(parser: argparse.ArgumentParser) -> None:
+  """``--ratio``: the fraction of values each worker sends, in (0, 1]."""
+  parser.add_argument("--ratio", type=bounded(float, 0, 1, low_open=True),
+                      default=0.01, help="fraction of values each worker "
+                      "sends, in (0, 1] (default: %(default)s)")

@@ -34,10 +34,7 @@ def configure(parser) -> None:
       "--compressors", default=",".join(DEFAULT_COMPRESSORS),
       help="comma-separated compressor names (see `gsparse info`), or "
            "'all' (default: %(default)s)")
-  parser.add_argument("--ratio", type=common.bounded(float, 0, 1,
-                                                     low_open=True),
-                      default=0.01, help="fraction of values each worker "
-                      "sends, in (0, 1] (default: 0.01)")
+  common.add_ratio_option(parser)
   parser.add_argument("--feedback", default="ef",
                       help="error feedback: none, ef, ef21, ef21m "
                            "(default: ef)")
