@@ -123,3 +123,21 @@ def flat(tree):
   lead = leaves[0].shape[:2]
   return np.concatenate([np.asarray(l).reshape(lead + (-1,)) for l in leaves],
                         axis=-1)
+
+
+def assert_every_worker_matches(outputs, expected, memory, expected_memory,
+                                rtol=1e-5, atol=1e-6):
+  """Every worker's outputs equal the reference's, and so do the memories.
+
+  Args:
+    outputs: ``[steps, workers, d]``, what every worker's step returned.
+    expected: ``[steps, d]``, the reference's outputs (the same for all).
+    memory: a per-worker state leaf in the context's global layout.
+    expected_memory: ``[workers, d]``, the reference's final memories.
+  """
+  outputs = np.asarray(outputs)
+  for worker in range(outputs.shape[1]):
+    np.testing.assert_allclose(outputs[:, worker], expected, rtol=rtol,
+                               atol=atol)
+  np.testing.assert_allclose(worker_rows(memory, outputs.shape[1]),
+                             expected_memory, rtol=rtol, atol=atol)

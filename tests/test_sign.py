@@ -26,12 +26,9 @@ def test_matches_reference_with_error_feedback(scale, context, mesh):
       runners.flat(grads).astype(np.float64),
       lambda a, t, i: references.select_sign(a, t, i, scale))
   got = runners.flat(outputs)
-  for worker in range(WORKERS):
-    np.testing.assert_allclose(got[:, worker], expected, rtol=1e-5,
-                               atol=1e-6)
-  np.testing.assert_allclose(
-      runners.worker_rows(state.memory[0], WORKERS), memory, rtol=1e-5,
-      atol=1e-6)
+  runners.assert_every_worker_matches(
+      got, expected, state.memory[0], memory,
+      rtol=1e-5, atol=1e-6)
   # Every worker sent one magnitude: its entries are +-scale exactly.
   assert np.all(np.abs(np.abs(sent) - np.abs(sent[..., :1])) == 0)
 

@@ -78,12 +78,9 @@ def test_matches_numpy_reference_with_error_feedback(name, context, mesh):
   expected, memory = references.ef_run(flat_grads, select)
 
   got = _flat(outputs)  # [steps, workers, d]
-  for worker in range(WORKERS):
-    np.testing.assert_allclose(got[:, worker], expected, rtol=1e-5,
-                               atol=1e-6)
-  np.testing.assert_allclose(
-      runners.worker_rows(state.memory[0], WORKERS), memory, rtol=1e-5,
-      atol=1e-6)
+  runners.assert_every_worker_matches(
+      got, expected, state.memory[0], memory,
+      rtol=1e-5, atol=1e-6)
   # Each worker sent exactly k values per step.
   assert gs.comm_stats(state)["sent_values"] == STEPS * k
 
