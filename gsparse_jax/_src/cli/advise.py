@@ -59,6 +59,11 @@ def configure(parser) -> None:
                       "the link (default 0; `benchmarks.network` fits it)")
 
 
+def requires(args) -> tuple[str, ...]:
+  del args
+  return ()  # the core dependencies only
+
+
 def matrix_shape(num_params: int) -> tuple[int, int]:
   """The most square ``(rows, cols)`` with ``rows * cols == d``.
 
