@@ -337,3 +337,24 @@ def test_info_needs_only_the_core_dependencies(module, monkeypatch, capsys):
   monkeypatch.setitem(sys.modules, module, None)
   assert gsparse("info") == 0
   assert "top_k" in capsys.readouterr().out
+
+
+def test_the_cli_extra_holds_every_module_a_subcommand_may_need():
+  import tomllib  # pylint: disable=g-import-not-at-top
+
+  from gsparse_jax._src.cli import common  # pylint: disable=g-import-not-at-top
+
+  root = pathlib.Path(__file__).resolve().parents[1]
+  extras = tomllib.loads((root / "pyproject.toml").read_text())[
+      "project"]["optional-dependencies"]
+  names = lambda extra: {r.split(">")[0].split("=")[0].split("[")[0]
+                         for r in extras[extra]}
+  assert names("cli") == set(common.EXTRA_MODULES.values())
+  assert names("cli") <= names("examples")  # the quick start has them all
+  for command in cli.COMMANDS:
+    args = cli.build_parser().parse_args(
+        [command.NAME, *(["--params", "1", "--workers", "1",
+                          "--bandwidth-gbit", "1"]
+                         if command.NAME == "advise" else [])])
+    for module in command.requires(args):
+      assert module.partition(".")[0] in common.EXTRA_MODULES
