@@ -112,3 +112,16 @@ def test_dense_payload_is_whole_vector():
 def test_compress_rejects_non_flat_input():
   with pytest.raises(ValueError, match="1-D"):
     gs.compress(gs.top_k(k=1), jnp.ones((2, 2)), (), jax.random.key(0))
+
+
+@pytest.mark.parametrize("name", gs.compressor_names())
+def test_needs_sample_says_which_compressors_calibrate_on_a_sample(name):
+  entry = gs.COMPRESSORS[name]
+  sample = {"w": jnp.linspace(-1.0, 1.0, 64)}
+  assert isinstance(gs.compressor_from_ratio(name, 0.1, sample),
+                    gs.Compressor)
+  if entry.needs_sample:
+    with pytest.raises(ValueError, match="calibrates on a sample"):
+      gs.compressor_from_ratio(name, 0.1)
+  else:
+    assert isinstance(gs.compressor_from_ratio(name, 0.1), gs.Compressor)
