@@ -55,6 +55,31 @@ def integer(value: Any, name: str) -> int:
   return int(value)
 
 
+def count(value: Any, name: str, minimum: int = 1) -> int:
+  """A whole number >= ``minimum``, as an int or an integral float (``8.0``;
+  e.g. a worker count computed in floats)."""
+  if (not _is_real(value) or not math.isfinite(value)
+      or int(value) != value or value < minimum):
+    raise ValueError(f"`{name}` must be an integer >= {minimum}, got "
+                     f"{value!r}.")
+  return int(value)
+
+
+def positive(value: Any, name: str) -> float:
+  """A real number > 0, infinity included (e.g. an unlimited bandwidth)."""
+  if not _is_real(value) or not float(value) > 0.0:
+    raise ValueError(f"`{name}` must be a number > 0, got {value!r}.")
+  return float(value)
+
+
+def at_least(value: Any, name: str, minimum: float) -> float:
+  """A finite real number >= ``minimum`` (e.g. a size given as ``1e9``)."""
+  if not _is_real(value) or not minimum <= float(value) < math.inf:
+    raise ValueError(f"`{name}` must be a finite number >= {minimum}, got "
+                     f"{value!r}.")
+  return float(value)
+
+
 def finite_positive(value: Any, name: str) -> float:
   """A finite real number > 0."""
   if not _is_real(value) or not 0.0 < float(value) < math.inf:
