@@ -43,6 +43,15 @@ def positive_int(value: Any, name: str, minimum: int = 1) -> int:
   return int(value)
 
 
+def int_in_range(value: Any, name: str, low: int, high: int) -> int:
+  """An integer in [low, high]."""
+  if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+      or not low <= value <= high):
+    raise ValueError(f"`{name}` must be an integer in [{low}, {high}], got "
+                     f"{value!r}.")
+  return int(value)
+
+
 def optional_positive_int(value: Any, name: str) -> Optional[int]:
   """None, or an integer >= 1."""
   return None if value is None else positive_int(value, name)
