@@ -42,19 +42,19 @@ class CompressorEntry(NamedTuple):
     from_ratio: ``(ratio, sample) -> Compressor``: the compressor at a
       target density with every other argument at its default.
     summary: one line for `gsparse info`.
+    needs_sample: True when ``from_ratio`` calibrates on a sample gradient
+      (``sample`` must not be None); tools without one skip the compressor.
   """
 
   name: str
   factory: Callable[..., compressors.Compressor]
   from_ratio: Callable[[float, Any], compressors.Compressor]
   summary: str
+  needs_sample: bool = False
 
 
 def _hard_threshold_from_ratio(ratio: float, sample: Any
                                ) -> compressors.Compressor:
-  if sample is None:
-    raise ValueError("hard_threshold calibrates its threshold on a sample "
-                     "gradient: pass `sample`.")
   threshold = threshold_compressors.calibrate_threshold(sample, ratio)
   return threshold_compressors.hard_threshold(
       threshold, capacity_ratio=min(1.0, 2.0 * ratio))
@@ -82,7 +82,8 @@ _ENTRIES = (
                     "k random entries, the same on every worker (no indices)"),
     CompressorEntry("hard_threshold", threshold_compressors.hard_threshold,
                     _hard_threshold_from_ratio,
-                    "every |a| >= lambda (calibrated to the ratio on a sample)"),
+                    "every |a| >= lambda (calibrated to the ratio on a sample)",
+                    needs_sample=True),
     CompressorEntry("gaussian_k", threshold_compressors.gaussian_k,
                     _at_ratio(threshold_compressors.gaussian_k),
                     "threshold from a Gaussian fit (approximate Top-k)"),
@@ -131,11 +132,20 @@ def compressor_from_ratio(name: str, ratio: float, sample: Optional[Any] = None
     name: one of `compressor_names()`.
     ratio: fraction of entries kept, in (0, 1] (ignored by ``"dense"``).
     sample: a representative gradient pytree, needed by compressors that
-      calibrate on data (``"hard_threshold"``).
+      calibrate on data (those whose entry has ``needs_sample``, e.g.
+      ``"hard_threshold"``).
 
   Returns:
     A `Compressor`.
+
+  Raises:
+    ValueError: an unknown ``name``, a ``ratio`` outside (0, 1], or no
+      ``sample`` for a compressor that needs one.
   """
   validation.choice(name, "name", compressor_names())
   validation.ratio(ratio)
-  return REGISTRY[name].from_ratio(ratio, sample)
+  entry = REGISTRY[name]
+  if entry.needs_sample and sample is None:
+    raise ValueError(f"{name} calibrates on a sample gradient: pass "
+                     "`sample`.")
+  return entry.from_ratio(ratio, sample)
