@@ -345,12 +345,17 @@ def test_state_mismatch_is_a_clear_error():
     (dict(granularity="leaf"), "`granularity` must be one of"),
     (dict(nonfinite="drop"), "`nonfinite` must be one of"),
     (dict(momentum=1.0), "`momentum` must be a number in"),
-    (dict(axis_name=3), "`axis_name` must be"),
 ])
 def test_sparsify_argument_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
     gs.sparsify(gs.top_k(0.1), **kwargs)
-  with pytest.raises(ValueError, match="`compressor` must be"):
+
+
+def test_sparsify_wrong_kinds_of_object_are_type_errors():
+  """docs/errors.md: the wrong kind of object is a TypeError."""
+  with pytest.raises(TypeError, match="`axis_name` must be"):
+    gs.sparsify(gs.top_k(0.1), axis_name=3)
+  with pytest.raises(TypeError, match="`compressor` must be"):
     gs.sparsify("top_k")
 
 

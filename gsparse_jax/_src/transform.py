@@ -241,15 +241,15 @@ def sparsify(compressor: compressors.Compressor, *, feedback: str = "ef",
   (arXiv 1809.07599).
   """
   if not isinstance(compressor, compressors.Compressor):
-    raise ValueError("`compressor` must be a gsparse_jax Compressor (e.g. "
-                     f"gs.top_k(0.01)); got {compressor!r}.")
+    raise TypeError("`compressor` must be a gsparse_jax Compressor (e.g. "
+                    f"gs.top_k(0.01)); got {compressor!r}.")
   validation.choice(feedback, "feedback", feedback_lib.FEEDBACKS)
   validation.choice(granularity, "granularity", GRANULARITIES)
   validation.choice(nonfinite, "nonfinite", NONFINITE)
   momentum = validation.in_interval(momentum, "momentum", 0.0, 1.0)
   if axis_name is not None and not isinstance(axis_name, str):
-    raise ValueError(f"`axis_name` must be a string or None, got "
-                     f"{axis_name!r}.")
+    raise TypeError(f"`axis_name` must be a string or None, got "
+                    f"{axis_name!r}.")
   memory_dtype = validation.dtype(memory_dtype, "memory_dtype", MEMORY_DTYPES)
   inner_axes = _check_inner_axes(inner_axes, axis_name)
   rule = feedback_lib.rule(feedback, momentum)
