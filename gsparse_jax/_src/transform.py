@@ -272,31 +272,6 @@ def sparsify(compressor: compressors.Compressor, *, feedback: str = "ef",
         structure=jax.tree.map(_structure_leaf, params),
     )
 
-  def communicate(segments, count, grads, memory, comp_state, shared_memory
-                  ) -> StepOutcome:
-    """Every segment's step: prepare, compress, aggregate, finish, update."""
-    as_f32 = lambda tree: jax.tree.map(lambda m: m.astype(jnp.float32), tree)
-    stored = lambda tree: jax.tree.map(lambda m: m.astype(memory_dtype), tree)
-    outs, new_memory, new_comp, new_shared = [], [], [], []
-    sent_values = overflow = jnp.zeros([], jnp.int32)
-    for index, (segment, grad) in enumerate(zip(segments, grads)):
-      c = segment.compressor
-      x, worker_mem = rule.prepare(grad, as_f32(memory[index]))
-      sent = compressors.compress(c, x, comp_state[index],
-                                  segment_key(count, index), axis_name,
-                                  segment.wire_dtype)
-      received = c.aggregate(sent, workers)
-      out, worker_mem, shared = rule.finish(
-          x, c, sent, received.mean, worker_mem, as_f32(shared_memory[index]))
-      new_comp.append(c.update(comp_state[index], sent, received))
-      outs.append(out)
-      new_memory.append(stored(worker_mem))
-      new_shared.append(stored(shared))
-      sent_values = sent_values + _per_worker_count(sent.count, segment.axes)
-      overflow = overflow + _per_worker_count(sent.overflow, segment.axes)
-    return StepOutcome(outs, tuple(new_memory), tuple(new_comp),
-                       tuple(new_shared), sent_values, overflow)
-
   def update_fn(updates, state, params=None):
     del params
     _check_leaves(updates, "updates")
@@ -306,17 +281,15 @@ def sparsify(compressor: compressors.Compressor, *, feedback: str = "ef",
     _check_segments(state, segments, updates, axis_name)
     # The gradient is the sum over the inner devices: make it their mean.
     inner_scale = 1.0 / axes.num_workers(inner_axes)
-    grads = [jnp.concatenate([leaves[i].reshape(-1).astype(jnp.float32)
-                              for i in s.leaf_ids]) for s in segments]
-    if inner_scale != 1.0:
-      grads = [g * inner_scale for g in grads]
+    grads = _segment_vectors(leaves, segments, inner_scale)
     operands = (state.count, grads, _local(state.memory),
                 _local(state.compressor_state), state.shared_memory)
     # The check reads the leaves, not the segments: a reduction over a
     # concatenated segment makes XLA materialize the concatenation.
     applied = _all_finite([leaves[i] for s in segments for i in s.leaf_ids],
                           (axis_name, *inner_axes), nonfinite)
-    outcome = communicate(segments, *operands)
+    outcome = _step_segments(segments, rule, workers, memory_dtype,
+                             *operands)
     if nonfinite != "ignore":
       outcome = _keep_state_if_skipped(outcome, applied, operands)
     new_state = state._replace(
@@ -332,6 +305,42 @@ def sparsify(compressor: compressors.Compressor, *, feedback: str = "ef",
     return outputs, new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _segment_vectors(leaves, segments, scale: float) -> list:
+  """Each segment's flat float32 vector: its leaves concatenated in order
+  (times ``scale``, the inner devices' mean under two-level parallelism)."""
+  grads = [jnp.concatenate([leaves[i].reshape(-1).astype(jnp.float32)
+                            for i in s.leaf_ids]) for s in segments]
+  return grads if scale == 1.0 else [g * scale for g in grads]
+
+
+def _step_segments(segments, rule: feedback_lib.FeedbackRule,
+                   workers: workers_lib.Workers, memory_dtype, count, grads,
+                   memory, comp_state, shared_memory) -> StepOutcome:
+  """Every segment's step: feedback `prepare`, compressor `agree`/`select`
+  and `aggregate`, feedback `finish`, compressor `update`."""
+  as_f32 = lambda tree: jax.tree.map(lambda m: m.astype(jnp.float32), tree)
+  stored = lambda tree: jax.tree.map(lambda m: m.astype(memory_dtype), tree)
+  outs, new_memory, new_comp, new_shared = [], [], [], []
+  sent_values = overflow = jnp.zeros([], jnp.int32)
+  for index, (segment, grad) in enumerate(zip(segments, grads)):
+    c = segment.compressor
+    x, worker_mem = rule.prepare(grad, as_f32(memory[index]))
+    sent = compressors.compress(c, x, comp_state[index],
+                                segment_key(count, index), workers.axis_name,
+                                segment.wire_dtype)
+    received = c.aggregate(sent, workers)
+    out, worker_mem, shared = rule.finish(
+        x, c, sent, received.mean, worker_mem, as_f32(shared_memory[index]))
+    new_comp.append(c.update(comp_state[index], sent, received))
+    outs.append(out)
+    new_memory.append(stored(worker_mem))
+    new_shared.append(stored(shared))
+    sent_values = sent_values + _per_worker_count(sent.count, segment.axes)
+    overflow = overflow + _per_worker_count(sent.overflow, segment.axes)
+  return StepOutcome(outs, tuple(new_memory), tuple(new_comp),
+                     tuple(new_shared), sent_values, overflow)
 
 
 def _keep_state_if_skipped(outcome: StepOutcome, applied: jax.Array,
