@@ -419,7 +419,7 @@ def _plot_charlm(result):
   return plot
 
 
-def run_model(args, parser) -> dict:
+def run_model(args) -> dict:
   """``--model transformer`` or ``charlm``: writes step_overhead_MODEL."""
   repeats = args.repeats or (3 if args.quick else 9)
   result = {"machine": _common.machine_description()}
@@ -484,7 +484,7 @@ def main(argv=None):
                       help="--model charlm: sequences per step")
   args = parser.parse_args(argv)
   if args.model != "matrix":
-    return run_model(args, parser)
+    return run_model(args)
   repeats = args.repeats or (3 if args.quick else 15)
   sizes = ([int(s) for s in args.sizes] if args.sizes else
            [10_000] if args.quick else [1_000_000, 10_000_000, 100_000_000])
