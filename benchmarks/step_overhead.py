@@ -12,14 +12,29 @@ takes one) plus Top-k with the full sort:
 Compression is per tensor (``granularity="layer"``) so that PowerSGD sees
 matrices; with one leaf that is the same as global granularity.
 
+``--model transformer`` times instead, on one device, a transformer-shaped
+pytree (embedding 8192x512 and 8 blocks of qkv 512x1536, o 512x512, up
+512x2048, down 2048x512 and three vectors of 512: 29.4M float32 parameters
+in 57 leaves; ``--scale 4`` doubles the width and the vocabulary: 117.5M
+parameters, same leaves): for every compressor x granularity {global,
+layer} x nonfinite {skip, ignore}, the jitted ``update + apply_updates`` of
+``sparsify(c, ...) + sgd(0.1)`` against plain ``sgd(0.1)``, plain
+``adam(1e-3)`` and the read+write floor (``m2 = g + m; out = m2 * 0.01`` per
+leaf), params and state donated, interleaved round-robin per compressor.
+``--model charlm`` times the whole training step (forward, backward,
+update) of the ``charlm`` task of ``gsparse compare`` on one device: plain
+adam vs ``sparsify(dense())`` and ``sparsify(top_k(0.01))`` in front of it.
+
 Run: python -m benchmarks.step_overhead --out DIR [--quick]
      [--sizes 1e7] [--compressors top_k power_sgd ...]
+     [--model matrix|transformer|charlm] [--scale 4]
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
@@ -42,14 +57,14 @@ RATIO = 0.01
 COLUMNS = 1000  # the single-device parameter is a (d / 1000, 1000) matrix
 
 
-def compressors(quick: bool, names=None):
+def compressors(quick: bool, names=None, sort=True):
   """Label -> compressor: the registry's (or ``names``), + Top-k by sort."""
   names = names or (("top_k", "dense") if quick else gs.compressor_names())
   table = {name: gs.compressor_from_ratio(name, RATIO) for name in names
            if name != "hard_threshold"}
   if "hard_threshold" in names:  # calibrated on the gradient's distribution
     table["hard_threshold"] = gs.hard_threshold(2.5, capacity_ratio=0.02)
-  if "top_k" in table and not quick:
+  if "top_k" in table and not quick and sort:
     table["top_k (sort)"] = gs.top_k(RATIO, method="sort")
   return table
 
@@ -176,6 +191,277 @@ def sharded_training(sizes, batch_per_worker: int, repeats: int,
                     for name, t in rows.items()}}
 
 
+GRANULARITIES = ("global", "layer")
+NONFINITE = ("skip", "ignore")
+
+
+def transformer_shapes(scale: float = 1.0) -> dict:
+  """The transformer-shaped pytree's leaf shapes (name -> shape).
+
+  ``scale`` multiplies the parameter count: the width and the vocabulary
+  both grow by ``sqrt(scale)`` (57 leaves at any scale).
+  """
+  grow = math.sqrt(scale)
+  width = max(8, int(round(512 * grow)))
+  vocab = max(8, int(round(8192 * grow)))
+  shapes = {"embedding": (vocab, width)}
+  for i in range(8):
+    shapes[f"block{i}"] = {
+        "qkv": (width, 3 * width), "o": (width, width),
+        "up": (width, 4 * width), "down": (4 * width, width),
+        "norm1": (width,), "norm2": (width,), "bias": (width,)}
+  return shapes
+
+
+def _interleaved_group(fns: dict, repeats: int) -> dict:
+  """Median seconds of ``fns`` timed round-robin, and the error of any
+  that failed to compile or run (those are left out of the timing)."""
+  ok, errors = {}, {}
+  for name, fn in fns.items():
+    try:
+      jax.block_until_ready(fn())  # compiles; the warm-up round follows
+      ok[name] = fn
+    except Exception as e:  # pylint: disable=broad-except
+      errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+  return _common.time_interleaved(ok, repeats=repeats), errors
+
+
+def transformer_pytree(scale: float, repeats: int, table: dict) -> dict:
+  """Jitted step on the transformer-shaped pytree, ratios to sgd and adam.
+
+  One interleaved group per compressor (its 4 variants with plain sgd,
+  plain adam and the floor), so that only a few copies of the pytree are
+  alive at once; the baselines are re-timed in every group and each
+  variant's ratios are to the baselines of its own group.
+  """
+  shapes = transformer_shapes(scale)
+  is_shape = lambda x: isinstance(x, tuple)
+  leaves, treedef = jax.tree.flatten(shapes, is_leaf=is_shape)
+  keys = jax.random.split(jax.random.key(0), len(leaves))
+  grads = jax.tree.unflatten(treedef, [
+      jax.random.normal(k, shape, jnp.float32)
+      for k, shape in zip(keys, leaves)])
+  params0 = jax.tree.map(jnp.zeros_like, grads)
+  n_params = sum(math.prod(shape) for shape in leaves)
+
+  def stepper(tx):
+    state = tx.init(params0)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, state, grads):
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+
+    carry = [jax.tree.map(jnp.copy, params0), state]
+
+    def run():
+      carry[0], carry[1] = step(carry[0], carry[1], grads)
+      return carry[0]
+
+    return run
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def floor(memory, grads):
+    # Reads gradient and memory, writes memory and the output: the passes
+    # an error-feedback update cannot avoid.
+    memory = jax.tree.map(lambda g, m: g + m, grads, memory)
+    return memory, jax.tree.map(lambda m: m * 0.01, memory)
+
+  def floor_runner():
+    carry = [jax.tree.map(jnp.zeros_like, grads)]
+
+    def run():
+      carry[0], out = floor(carry[0], grads)
+      return out
+
+    return run
+
+  groups = {}
+  for name, c in table.items():
+    fns = {"sgd": stepper(optax.sgd(0.1)), "adam": stepper(optax.adam(1e-3)),
+           "floor": floor_runner()}
+    for granularity in GRANULARITIES:
+      for nonfinite in NONFINITE:
+        tx = optax.chain(gs.sparsify(c, granularity=granularity,
+                                     nonfinite=nonfinite), optax.sgd(0.1))
+        try:
+          fns[f"{granularity}/{nonfinite}"] = stepper(tx)
+        except Exception as e:  # pylint: disable=broad-except
+          fns[f"{granularity}/{nonfinite}"] = functools.partial(
+              _raise, e)
+    times, errors = _interleaved_group(fns, repeats)
+    base = {k: times[k] for k in ("sgd", "adam", "floor")}
+    variants = {}
+    for key in fns:
+      if key in base:
+        continue
+      if key in errors:
+        variants[key] = {"error": errors[key]}
+        continue
+      t = times[key]
+      variants[key] = {"seconds": t, "ratio_to_sgd": t / base["sgd"],
+                       "ratio_to_adam": t / base["adam"],
+                       "ratio_to_floor": t / base["floor"]}
+    groups[name] = {"baselines": base, "variants": variants}
+    print(f"{name}: " + ", ".join(
+        f"{k} {v['seconds'] * 1e3:.1f} ms ({v['ratio_to_sgd']:.2f}x sgd)"
+        if "seconds" in v else f"{k} failed" for k, v in variants.items()),
+          flush=True)
+    del fns
+  return {"model": {"name": "transformer", "scale": scale,
+                    "parameters": n_params, "leaves": len(leaves),
+                    "shapes": shapes},
+          "repeats": repeats, "groups": groups}
+
+
+def _raise(error):
+  raise error
+
+
+def charlm_step(repeats: int, batch: int, lr: float = 3e-3) -> dict:
+  """Whole training step of `gsparse compare --task charlm`, one device.
+
+  Forward + backward + update with plain adam (the task's default
+  optimizer, lr 3e-3) vs `sparsify(dense())` and `sparsify(top_k(0.01))`
+  (error feedback, global granularity: the CLI's defaults) in front of it,
+  and the forward + backward alone; interleaved, params and state donated.
+  """
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from gsparse_jax._src.cli import tasks  # pylint: disable=import-outside-toplevel
+
+  task = tasks.make_task("charlm")
+  graphdef, params = nnx.split(task.make_model(0))
+  x, y = task.batch(0, 0, (batch,))
+  x, y = jnp.asarray(x), jnp.asarray(y)
+  n_params = sum(p.size for p in jax.tree.leaves(params))
+
+  def loss(params, x, y):
+    return task.loss(nnx.merge(graphdef, params), x, y)
+
+  grad_fn = jax.jit(jax.grad(loss))
+
+  def stepper(tx):
+    state = tx.init(params)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, state, x, y):
+      grads = jax.grad(loss)(params, x, y)
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+
+    carry = [jax.tree.map(jnp.copy, params), state]
+
+    def run():
+      carry[0], carry[1] = step(carry[0], carry[1], x, y)
+      return carry[0]
+
+    return run
+
+  fns = {"forward+backward": lambda: grad_fn(params, x, y),
+         "adam": stepper(optax.adam(lr)),
+         "sparsify(dense()) + adam": stepper(optax.chain(
+             gs.sparsify(gs.dense()), optax.adam(lr))),
+         "sparsify(top_k(0.01)) + adam": stepper(optax.chain(
+             gs.sparsify(gs.top_k(0.01)), optax.adam(lr)))}
+  times = _common.time_interleaved(fns, repeats=repeats)
+  base = times["adam"]
+  rows = {}
+  for name, t in times.items():
+    rows[name] = {"seconds": t, "ratio_to_adam": t / base}
+    if name.startswith("sparsify"):
+      # The share of the whole step that the transformation costs.
+      rows[name]["overhead_share"] = (t - base) / t
+  return {"model": {"name": "charlm", "parameters": n_params,
+                    "batch": batch, "context": int(x.shape[-1])},
+          "repeats": repeats, "steps": rows}
+
+
+def _plot_transformer(result):
+  groups = result["groups"]
+  names = list(groups)
+  keys = [f"{g}/{n}" for g in GRANULARITIES for n in NONFINITE]
+
+  def plot(ax):
+    width = 0.8 / (len(keys) + 1)
+    xs = np.arange(len(names))
+    for i, key in enumerate(keys):
+      ax.bar(xs + i * width, [
+          groups[n]["variants"].get(key, {}).get("ratio_to_sgd", np.nan)
+          for n in names], width, label=key)
+    ax.bar(xs + len(keys) * width,
+           [groups[n]["baselines"]["adam"] / groups[n]["baselines"]["sgd"]
+            for n in names], width, label="plain adam", color="0.6")
+    ax.axhline(1.0, color="k", lw=0.8)
+    floor = np.median([g["baselines"]["floor"] / g["baselines"]["sgd"]
+                       for g in groups.values()])
+    ax.axhline(floor, color="r", lw=0.8, ls="--", label="read+write floor")
+    ax.set_xticks(xs + 0.4 - width / 2)
+    ax.set_xticklabels(names, rotation=30, ha="right")
+    ax.set_yscale("log")
+    ax.set_ylabel("step time / plain sgd step")
+    model = result["model"]
+    ax.set_title(f"sparsify(c) + sgd, {model['parameters'] / 1e6:.1f}M "
+                 f"params in {model['leaves']} leaves, one device")
+    ax.legend(fontsize=7)
+
+  return plot
+
+
+def _plot_charlm(result):
+  steps = result["steps"]
+
+  def plot(ax):
+    names = list(steps)
+    ax.barh(names, [steps[n]["seconds"] * 1e3 for n in names])
+    ax.set_xlabel(f"ms per step (charlm, {result['model']['parameters']:,} "
+                  f"params, batch {result['model']['batch']}, one device)")
+
+  return plot
+
+
+def run_model(args) -> dict:
+  """``--model transformer`` or ``charlm``: writes step_overhead_MODEL."""
+  repeats = args.repeats or (3 if args.quick else 9)
+  result = {"machine": _common.machine_description()}
+  if args.model == "transformer":
+    names = args.compressors or (("dense", "top_k") if args.quick else None)
+    table = compressors(args.quick, names, sort=False)
+    result.update(transformer_pytree(args.scale, repeats, table))
+    plot = _plot_transformer(result)
+    name = "step_overhead_transformer" + (
+        "" if args.scale == 1 else f"_x{args.scale:g}")
+  else:
+    result.update(charlm_step(repeats, args.batch))
+    plot = _plot_charlm(result)
+    name = "step_overhead_charlm"
+  try:
+    result["load_average_after"] = list(os.getloadavg())
+  except OSError:
+    pass
+  _common.write_json(args.out, name, result)
+  _common.write_plot(args.out, name, plot,
+                     figsize=(10, 5) if args.model == "transformer" else None)
+  if args.model == "transformer":
+    for cname, group in result["groups"].items():
+      b = group["baselines"]
+      print(f"{cname:<16} sgd {b['sgd'] * 1e3:7.2f} ms  adam "
+            f"{b['adam'] * 1e3:7.2f} ms  floor {b['floor'] * 1e3:7.2f} ms")
+      for key, row in group["variants"].items():
+        if "seconds" in row:
+          print(f"  {key:<14} {row['seconds'] * 1e3:8.2f} ms "
+                f"{row['ratio_to_sgd']:6.2f}x sgd {row['ratio_to_adam']:6.2f}x"
+                f" adam {row['ratio_to_floor']:6.2f}x floor")
+        else:
+          print(f"  {key:<14} {row['error']}")
+  else:
+    for sname, row in result["steps"].items():
+      share = (f" overhead {row['overhead_share'] * 100:5.1f}% of the step"
+               if "overhead_share" in row else "")
+      print(f"{sname:<30} {row['seconds'] * 1e3:8.2f} ms "
+            f"{row['ratio_to_adam']:6.2f}x adam{share}")
+  return result
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", required=True)
@@ -186,7 +472,19 @@ def main(argv=None):
   parser.add_argument("--compressors", nargs="+", default=None,
                       choices=gs.compressor_names(),
                       help="registry names (default: all)")
+  parser.add_argument("--model", default="matrix",
+                      choices=("matrix", "transformer", "charlm"),
+                      help="matrix: the single-device and shard_map tables "
+                      "(default); transformer: the 57-leaf pytree; charlm: "
+                      "a whole training step of the charlm task")
+  parser.add_argument("--scale", type=float, default=1.0,
+                      help="--model transformer: parameter count multiplier "
+                      "(4: 117.5M parameters)")
+  parser.add_argument("--batch", type=int, default=16,
+                      help="--model charlm: sequences per step")
   args = parser.parse_args(argv)
+  if args.model != "matrix":
+    return run_model(args)
   repeats = args.repeats or (3 if args.quick else 15)
   sizes = ([int(s) for s in args.sizes] if args.sizes else
            [10_000] if args.quick else [1_000_000, 10_000_000, 100_000_000])

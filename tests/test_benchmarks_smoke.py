@@ -12,6 +12,8 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 import gsparse_jax as gs
@@ -143,3 +145,84 @@ def test_report_rebuilds_readme_tables_from_json(results_dir, tmp_path):
   bytes_result = json.loads((results_dir / "bytes.json").read_text())
   top_k = bytes_result["results"]["top_k"]["8"]
   assert f"| top_k | sparse | {top_k['payload_bytes']:.0f} |" in text
+
+
+def run_step_overhead_model(out_dir: pathlib.Path, *options: str) -> str:
+  """Runs `step_overhead` with `options` and the output name's prefix."""
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join(
+      [str(REPO_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+  completed = subprocess.run(
+      [sys.executable, "-m", "benchmarks.step_overhead", "--out",
+       str(out_dir), "--quick", "--repeats", "1", *options],
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+      check=False)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  return completed.stdout
+
+
+def test_step_overhead_transformer_pytree(tmp_path):
+  """A tiny transformer-shaped pytree (57 leaves): every variant timed
+  against sgd, adam and the floor of its own group; no timing asserted."""
+  run_step_overhead_model(tmp_path, "--model", "transformer", "--scale",
+                          "0.001", "--compressors", "top_k")
+  name = "step_overhead_transformer_x0.001"
+  assert (tmp_path / f"{name}.png").stat().st_size > 0
+  result = json.loads((tmp_path / f"{name}.json").read_text())
+  assert result["model"]["leaves"] == 57
+  assert result["model"]["parameters"] > 0
+  assert set(result["groups"]) == {"top_k"}
+  variants = {f"{g}/{n}" for g in ("global", "layer")
+              for n in ("skip", "ignore")}
+  for group in result["groups"].values():
+    assert set(group["baselines"]) == {"sgd", "adam", "floor"}
+    assert all(0 < t < float("inf") for t in group["baselines"].values())
+    assert set(group["variants"]) == variants
+    for row in group["variants"].values():
+      assert "error" not in row, row
+      for base in ("sgd", "adam", "floor"):
+        ratio = row[f"ratio_to_{base}"]
+        assert 0 < ratio < float("inf")
+        assert ratio == pytest.approx(row["seconds"]
+                                      / group["baselines"][base])
+
+
+def test_transformer_shapes_match_the_issue():
+  """The default pytree is the one of issue 17: 29.4M parameters, 57
+  leaves; --scale 4 is 4x the parameters in the same leaves."""
+  sys.path.insert(0, str(REPO_ROOT))
+  try:
+    module = importlib.import_module("benchmarks.step_overhead")
+  finally:
+    sys.path.remove(str(REPO_ROOT))
+  is_shape = lambda x: isinstance(x, tuple)
+  count = lambda shapes: sum(
+      int(np.prod(s)) for s in jax.tree.leaves(shapes, is_leaf=is_shape))
+  base = module.transformer_shapes(1)
+  assert len(jax.tree.leaves(base, is_leaf=is_shape)) == 57
+  assert base["embedding"] == (8192, 512)
+  assert base["block0"]["qkv"] == (512, 1536)
+  assert base["block0"]["down"] == (2048, 512)
+  assert count(base) == 29_372_416
+  big = module.transformer_shapes(4)
+  assert len(jax.tree.leaves(big, is_leaf=is_shape)) == 57
+  assert count(big) / count(base) == pytest.approx(4.0, rel=0.01)
+
+
+def test_step_overhead_charlm_step(tmp_path):
+  """The charlm task's whole step: plain adam, dense and top_k in front,
+  and the forward+backward alone; shares of the step in [0, 1) or below."""
+  run_step_overhead_model(tmp_path, "--model", "charlm", "--batch", "2")
+  assert (tmp_path / "step_overhead_charlm.png").stat().st_size > 0
+  result = json.loads((tmp_path / "step_overhead_charlm.json").read_text())
+  steps = result["steps"]
+  assert set(steps) == {"forward+backward", "adam",
+                        "sparsify(dense()) + adam",
+                        "sparsify(top_k(0.01)) + adam"}
+  assert steps["adam"]["ratio_to_adam"] == 1.0
+  for name, row in steps.items():
+    assert 0 < row["seconds"] < float("inf")
+    if name.startswith("sparsify"):
+      assert row["overhead_share"] == pytest.approx(
+          1 - 1 / row["ratio_to_adam"])
+      assert row["overhead_share"] < 1
