@@ -132,6 +132,15 @@ def test_accumulation_equals_the_larger_batch_and_sends_once(compared,
 
 BAD_OPTIONS = [
     (["--compressors", "top_k,nope"], "--compressors"),
+    (["--compressors", "top_k:rnak=4"], "--compressors"),  # unknown key
+    (["--compressors", "power_sgd:rank=-1"], "--compressors"),  # bad value
+    (["--compressors", "power_sgd:rank=two"], "--compressors"),
+    (["--compressors", "rank=4,top_k"], "--compressors"),  # no compressor
+    (["--compressors", "power_sgd:rank=4:warm_start=false"], "--compressors"),
+    (["--compressors", "top_k:k=5,k=6"], "--compressors"),  # key twice
+    (["--compressors", "top_k:k=5"], "--compressors"),  # and --ratio's ratio
+    # Checked on the calibrated factory call (after the sample gradient).
+    (["--compressors", "hard_threshold:capacity_ratio=2"], "--compressors"),
     (["--task", "imagenet"], "--task"),
     (["--ratio", "7"], "--ratio"),
     (["--steps", "0"], "--steps"),
@@ -161,6 +170,64 @@ def test_bad_option_is_one_line_exit_2_and_writes_nothing(
   assert len(lines) == 1 and option in lines[0], captured.err
   assert "Traceback" not in captured.err + captured.out
   assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_compressor_specs_parse_into_names_and_typed_options():
+  from gsparse_jax._src.cli import compare  # pylint: disable=g-import-not-at-top
+
+  known = gs.compressor_names()
+  parse = lambda text: [(s.name, s.options, s.text)
+                        for s in compare.parse_compressors(text, known)]
+  assert parse("top_k,power_sgd:rank=4,hard_threshold:capacity_ratio=0.05"
+               ) == [("top_k", {}, "top_k"),
+                     ("power_sgd", {"rank": 4}, "power_sgd:rank=4"),
+                     ("hard_threshold", {"capacity_ratio": 0.05},
+                      "hard_threshold:capacity_ratio=0.05")]
+  # An item with '=' continues the compressor before it.
+  assert parse(" power_sgd:rank=2, warm_start=False ,min_compression_rate=1e1,"
+               "top_k:ratio=none,k=7,method=sort") == [
+                   ("power_sgd", {"rank": 2, "warm_start": False,
+                                  "min_compression_rate": 10.0},
+                    "power_sgd:rank=2,warm_start=false,"
+                    "min_compression_rate=10.0"),
+                   ("top_k", {"ratio": None, "k": 7, "method": "sort"},
+                    "top_k:ratio=none,k=7,method=sort")]
+  values = [compare.parse_value(t) for t in
+            ("4", "-3", "0.5", "1e-3", "true", "FALSE", "None", "bfloat16")]
+  assert values == [4, -3, 0.5, 0.001, True, False, None, "bfloat16"]
+  assert [type(v) for v in values[:4]] == [int, int, float, float]
+  for bad in ("nope", "k=3", "top_k:k", "top_k:=3", "top_k:k=", "top_k,top_k",
+              "top_k:k=1,k=2", "top_k:k=1:method=sort", ""):
+    with pytest.raises(ValueError):
+      compare.parse_compressors(bad, known)
+
+
+def test_options_reach_the_factory_with_recommended_feedback(tmp_path):
+  """top_k:ratio=none,k=100 sends 100 (float32, int32) pairs; each
+  compressor gets its registry row's feedback unless --feedback is given."""
+  spec = "top_k:ratio=none,k=100"
+  assert gsparse("compare", "--compressors", f"arc_top_k,{spec},dense",
+                 "--steps", 4, "--out", tmp_path / "a", *TINY) == 0
+  arc, top_k, dense = _results(tmp_path / "a")["runs"]
+  assert top_k["compressor"] == spec
+  assert top_k["bytes_per_step_per_worker"] == 100 * 8
+  assert [run["feedback"] for run in (arc, top_k, dense)] == [
+      "ef21m", "ef", "none"]
+  assert gsparse("compare", "--compressors", f"{spec},dense", "--steps", 2,
+                 "--feedback", "ef21", "--out", tmp_path / "b", *TINY) == 0
+  assert [run["feedback"] for run in _results(tmp_path / "b")["runs"]] == [
+      "ef21", "ef21"]
+
+
+def test_registry_recommends_a_valid_feedback_per_compressor():
+  expected = {"dense": "none", "arc_top_k": "ef21m"}
+  for name, entry in gs.COMPRESSORS.items():
+    assert entry.feedback == expected.get(name, "ef"), name
+    gs.sparsify(gs.dense(), feedback=entry.feedback)  # a rule sparsify knows
+    if name != "hard_threshold":  # arguments() needs its sample
+      # from_ratio is the factory at arguments().
+      assert entry.factory(**entry.arguments(0.05, None)) == (
+          entry.from_ratio(0.05, None)), name
 
 
 def _record_steps(monkeypatch) -> list:

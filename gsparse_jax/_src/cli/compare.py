@@ -11,8 +11,10 @@ results.json and PNG plots into --out.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
+from typing import NamedTuple
 
 from gsparse_jax._src.cli import common
 
@@ -20,7 +22,8 @@ NAME = "compare"
 HELP = ("train one model per compressor on the same data and compare "
         "accuracy, bytes sent and projected step time")
 
-DEFAULT_COMPRESSORS = ("dense", "top_k", "rand_k", "reg_top_k", "arc_top_k")
+DEFAULT_COMPRESSORS = ("dense", "cast", "top_k", "rand_k", "reg_top_k",
+                       "arc_top_k")
 TASK_NAMES = ("digits-mlp", "digits-cnn", "charlm")
 OPTIMIZER_NAMES = ("adam", "adamw", "sgd", "momentum")
 
@@ -32,12 +35,20 @@ def configure(parser) -> None:
                       help="what to train (default: digits-mlp)")
   parser.add_argument(
       "--compressors", default=",".join(DEFAULT_COMPRESSORS),
-      help="comma-separated compressor names (see `gsparse info`), or "
-           "'all' (default: %(default)s)")
+      help="comma-separated compressors (see `gsparse info`), or 'all'. A "
+           "compressor takes factory options as NAME:KEY=VALUE, more of "
+           "them as further ,KEY=VALUE items (an item with '=' belongs to "
+           "the compressor before it), e.g. 'top_k,power_sgd:rank=4,"
+           "warm_start=false,hard_threshold:capacity_ratio=0.05'; VALUEs "
+           "are read as int, float, true/false, none or text; options "
+           "override the ones --ratio sets; the run is named by its whole "
+           "spec (default: %(default)s)")
   common.add_ratio_option(parser)
-  parser.add_argument("--feedback", default="ef",
-                      help="error feedback: none, ef, ef21, ef21m "
-                           "(default: ef)")
+  parser.add_argument("--feedback", default=None,
+                      help="error feedback of every run: none, ef, ef21, "
+                           "ef21m (default: each compressor's recommended "
+                           "rule, see `gsparse info`: none for dense, "
+                           "ef21m for arc_top_k, ef for the rest)")
   parser.add_argument("--granularity", default="global",
                       help="global or layer (default: global)")
   parser.add_argument("--steps", type=positive_int, default=300,
@@ -77,21 +88,28 @@ def configure(parser) -> None:
 
 
 def run(args) -> int:
-  names = _check_options(args)
+  specs = _check_options(args)
+  names = [spec.text for spec in specs]
   devices = _workers_devices(args.workers, args.simulate)
   settings = _settings(args)
-  _check_checkpoints(args, names, settings)
+  # Each compressor with its recommended feedback unless --feedback is given.
+  run_settings = [dataclasses.replace(
+      settings, feedback=args.feedback or _registry_entry(spec).feedback)
+                  for spec in specs]
+  _check_checkpoints(args, dict(zip(names, run_settings)))
 
   # Everything is valid: only now is anything computed or written.
   from gsparse_jax._src.cli import tasks  # pylint: disable=g-import-not-at-top
 
   task = tasks.make_task(args.task)
-  os.makedirs(args.out, exist_ok=True)
   sample = _sample_gradient(task, args.seed)
+  # Options reach the factories here; a bad value is still an option error.
+  compressors = [build_compressor(spec, args.ratio, sample) for spec in specs]
+  os.makedirs(args.out, exist_ok=True)
   runs = []
   with _progress() as progress:
-    for name in names:
-      runs.append(_run_one(name, task, settings, args, devices, sample,
+    for name, compressor, one in zip(names, compressors, run_settings):
+      runs.append(_run_one(name, compressor, task, one, args, devices,
                            progress))
   config = _config(args, names, settings, runs[0]["num_params"], task)
   results = {"config": config,
@@ -110,24 +128,25 @@ def run(args) -> int:
   return 0
 
 
-def _check_options(args) -> list[str]:
+def _check_options(args) -> list["Spec"]:
   """Every check that needs no JAX computation; returns the compressors."""
   import gsparse_jax as gs  # pylint: disable=g-import-not-at-top
 
   known = gs.compressor_names()
   if args.compressors.strip() == "all":
-    names = list(known)
+    specs = [Spec(name, {}) for name in known]
   else:
-    names = [n.strip() for n in args.compressors.split(",") if n.strip()]
-    unknown = [n for n in names if n not in known]
-    if unknown or not names:
-      raise common.OptionError(
-          f"--compressors: unknown compressor {unknown[0] if unknown else ''!r}"
-          f"; choose from {', '.join(known)} (comma-separated) or all")
-    if len(set(names)) != len(names):
-      raise common.OptionError("--compressors: a compressor is listed twice")
+    try:
+      specs = parse_compressors(args.compressors, known)
+    except ValueError as error:
+      raise common.OptionError(f"--compressors: {error}") from None
+  for spec in specs:
+    try:
+      check_options(spec, gs.COMPRESSORS[spec.name].factory)
+    except ValueError as error:
+      raise common.OptionError(f"--compressors: {error}") from None
   for option, value, build in (
-      ("--feedback", args.feedback,
+      ("--feedback", args.feedback or "ef",
        lambda v: gs.sparsify(gs.dense(), feedback=v)),
       ("--granularity", args.granularity,
        lambda v: gs.sparsify(gs.dense(), granularity=v))):
@@ -141,7 +160,129 @@ def _check_options(args) -> list[str]:
   elif args.resume:
     raise common.OptionError("--resume: needs --checkpoint-dir DIR (where "
                              "the runs were checkpointed)")
-  return names
+  return specs
+
+
+class Spec(NamedTuple):
+  """One compressor of ``--compressors``: its registry name and options."""
+
+  name: str
+  options: dict
+
+  @property
+  def text(self) -> str:
+    """The run's name: the spec as given, ``name[:key=value,...]``."""
+    if not self.options:
+      return self.name
+    return self.name + ":" + ",".join(
+        f"{key}={_format_value(value)}" for key, value in self.options.items())
+
+
+def _format_value(value) -> str:
+  if value is None:
+    return "none"
+  if isinstance(value, bool):
+    return "true" if value else "false"
+  return str(value)
+
+
+def parse_value(text: str):
+  """An option's value: int, then float, then true/false/none, else text."""
+  for kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      pass
+  lowered = text.lower()
+  if lowered in ("true", "false"):
+    return lowered == "true"
+  if lowered == "none":
+    return None
+  return text
+
+
+def parse_compressors(text: str, known) -> list[Spec]:
+  """Parses ``--compressors``: ``spec[,spec...]``.
+
+  Grammar: items separated by ``,``. An item ``NAME`` or ``NAME:KEY=VALUE``
+  starts a compressor; an item ``KEY=VALUE`` (it has ``=`` and no ``:``)
+  adds an option to the compressor before it. So
+  ``power_sgd:rank=4,warm_start=false,top_k`` is two compressors. Names
+  never contain ``=``, which is what tells the two apart. Values are
+  parsed by `parse_value`; they cannot contain ``,`` or ``:``.
+
+  Raises:
+    ValueError: one line naming the problem (unknown name, an option before
+      any compressor, a malformed or repeated option, a repeated spec).
+  """
+  specs: list[Spec] = []
+  for item in (part.strip() for part in text.split(",")):
+    if not item:
+      continue
+    if ":" in item:
+      name, option = (part.strip() for part in item.split(":", 1))
+    elif "=" in item:
+      if not specs:
+        raise ValueError(f"option {item!r} comes before any compressor "
+                         "(write NAME:KEY=VALUE)")
+      name, option = None, item
+    else:
+      name, option = item, ""
+    if name is not None:
+      if name not in known:
+        raise ValueError(f"unknown compressor {name!r}; choose from "
+                         f"{', '.join(known)} (comma-separated) or all")
+      specs.append(Spec(name, {}))
+    if option:
+      spec = specs[-1]
+      key, equals, value = (part.strip() for part in option.partition("="))
+      if not equals or not key or not value or ":" in value:
+        raise ValueError(f"{spec.name}: option {option!r} is not KEY=VALUE "
+                         "(separate options with ',')")
+      if key in spec.options:
+        raise ValueError(f"{spec.name}: option {key!r} is given twice")
+      spec.options[key] = parse_value(value)
+  if not specs:
+    raise ValueError(f"no compressor given; choose from {', '.join(known)} "
+                     "(comma-separated) or all")
+  texts = [spec.text for spec in specs]
+  for t in texts:
+    if texts.count(t) > 1:
+      raise ValueError(f"{t} is listed twice")
+  return specs
+
+
+def check_options(spec: Spec, factory) -> None:
+  """Raises ValueError unless every option of ``spec`` is a keyword
+  parameter of ``factory``."""
+  parameters = [p.name for p in inspect.signature(factory).parameters.values()
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+  for key in spec.options:
+    if key not in parameters:
+      accepted = ", ".join(parameters) if parameters else "no options"
+      raise ValueError(f"{spec.name}: unknown option {key!r} (gs."
+                       f"{factory.__name__} takes {accepted})")
+
+
+def build_compressor(spec: Spec, ratio: float, sample):
+  """The compressor of ``spec``: its factory called with the arguments
+  ``--ratio`` sets, overridden by the spec's options."""
+  import gsparse_jax as gs  # pylint: disable=g-import-not-at-top
+
+  entry = gs.COMPRESSORS[spec.name]
+  if not spec.options:
+    return entry.from_ratio(ratio, sample)
+  arguments = {**entry.arguments(ratio, sample), **spec.options}
+  try:
+    return entry.factory(**arguments)
+  except (ValueError, TypeError) as error:
+    raise common.OptionError(
+        f"--compressors: {spec.text}: {error}".splitlines()[0]) from None
+
+
+def _registry_entry(spec: Spec):
+  import gsparse_jax as gs  # pylint: disable=g-import-not-at-top
+  return gs.COMPRESSORS[spec.name]
 
 
 def _workers_devices(workers: int, simulate: bool):
@@ -174,7 +315,7 @@ def _run_dir(args, name: str) -> str:
   return os.path.join(args.checkpoint_dir, name)
 
 
-def _check_checkpoints(args, names, settings) -> None:
+def _check_checkpoints(args, run_settings: dict) -> None:
   """A resume continues runs made with the same settings; a fresh start
   does not overwrite checkpoints. Reads only."""
   if args.checkpoint_dir is None:
@@ -182,7 +323,7 @@ def _check_checkpoints(args, names, settings) -> None:
   from gsparse_jax._src.cli import training  # pylint: disable=g-import-not-at-top
 
   metas = {name: training.read_checkpoint_meta(_run_dir(args, name))
-           for name in names}
+           for name in run_settings}
   found = {name: meta for name, meta in metas.items() if meta is not None}
   if not args.resume:
     if found:
@@ -194,8 +335,8 @@ def _check_checkpoints(args, names, settings) -> None:
   if not found:
     raise common.OptionError(f"--resume: no checkpoint of these compressors "
                              f"in {args.checkpoint_dir}")
-  current = dataclasses.asdict(settings)
   for name, meta in found.items():
+    current = dataclasses.asdict(run_settings[name])
     for key, value in meta["settings"].items():
       if current.get(key) != value:
         option = "--" + key.replace("_", "-")
@@ -231,11 +372,11 @@ def _sample_gradient(task, seed):
   return nnx.grad(task.loss)(model, x, y)
 
 
-def _run_one(name, task, settings, args, devices, sample, progress) -> dict:
+def _run_one(name, compressor, task, settings, args, devices, progress
+             ) -> dict:
   import gsparse_jax as gs  # pylint: disable=g-import-not-at-top
   from gsparse_jax._src.cli import training  # pylint: disable=g-import-not-at-top
 
-  compressor = gs.compressor_from_ratio(name, args.ratio, sample)
   run = training.Run(task, compressor, settings, devices)
   checkpoints, start, curves, wall_s = None, 0, None, 0.0
   if args.checkpoint_dir is not None:
@@ -258,7 +399,7 @@ def _run_one(name, task, settings, args, devices, sample, progress) -> dict:
                                      args.granularity, args.workers, network)
   return {
       "compressor": name,
-      "feedback": args.feedback,
+      "feedback": settings.feedback,
       "final_loss": outcome.final_loss,
       "final_accuracy": outcome.final_accuracy,
       "bytes_per_step_per_worker": stats["sent_bytes"] / args.steps,
@@ -277,6 +418,7 @@ def _config(args, names, settings, num_params, task) -> dict:
 
   config = dataclasses.asdict(settings)
   config.update(
+      feedback=args.feedback or "recommended (per compressor)",
       task_summary=task.summary, metric=task.metric, compressors=names,
       steps=args.steps, bandwidth_gbit=args.bandwidth_gbit,
       num_params=num_params,
