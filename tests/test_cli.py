@@ -49,9 +49,10 @@ def _results(out) -> dict:
 
 
 def _without_wall_time(results: dict) -> dict:
+  drop = lambda run: {k: v for k, v in run.items() if k != "wall_s"}
   return {"config": results["config"],
-          "runs": [{k: v for k, v in run.items() if k != "wall_s"}
-                   for run in results["runs"]]}
+          "runs": [{**drop(run), "per_seed": [drop(r) for r in run[
+              "per_seed"]]} for run in results["runs"]]}
 
 
 @pytest.fixture(scope="module")
@@ -296,7 +297,7 @@ def test_resume_after_the_process_is_killed(tmp_path):
       text=True)
   try:
     deadline = time.monotonic() + 300  # a guard against a hung child only
-    while not _finished_checkpoints(checkpoints / "reg_top_k"):
+    while not _finished_checkpoints(checkpoints / "reg_top_k" / "seed-0"):
       assert process.poll() is None, process.stderr.read()[-3000:]
       assert time.monotonic() < deadline, "no checkpoint was written"
       time.sleep(0.05)
@@ -304,13 +305,66 @@ def test_resume_after_the_process_is_killed(tmp_path):
     process.send_signal(signal.SIGKILL)
     process.communicate()
   assert process.returncode == -signal.SIGKILL
-  steps = max(_finished_checkpoints(checkpoints / "reg_top_k")) + 10
+  steps = max(_finished_checkpoints(checkpoints / "reg_top_k" / "seed-0")
+              ) + 10
   assert gsparse("compare", *options, "--steps", steps, "--checkpoint-dir",
                  checkpoints, "--resume", "--out", tmp_path / "resumed") == 0
   assert gsparse("compare", *options, "--steps", steps, "--out",
                  tmp_path / "straight") == 0
   assert (_without_wall_time(_results(tmp_path / "resumed"))
           == _without_wall_time(_results(tmp_path / "straight")))
+
+
+def test_seeds_report_mean_and_std_of_their_runs(tmp_path, capsys):
+  """--seeds 3 --seed 5: seeds 5, 6, 7 (other init and batches); the mean
+  and the sample std recomputed from the per-seed figures of the JSON."""
+  assert gsparse("compare", "--compressors", "dense,top_k", "--steps", 8,
+                 "--seeds", 3, "--seed", 5, "--simulate", "--out", tmp_path,
+                 *TINY) == 0
+  table = capsys.readouterr().out
+  results = _results(tmp_path)
+  assert results["config"]["seeds"] == 3
+  for run in results["runs"]:
+    assert run["seeds"] == [5, 6, 7]
+    assert [r["seed"] for r in run["per_seed"]] == [5, 6, 7]
+    for key in ("final_accuracy", "final_loss"):
+      values = np.array([r[key] for r in run["per_seed"]])
+      if key == "final_loss":  # (accuracies over 397 examples may tie)
+        assert len(set(values.tolist())) == 3  # the seeds differ
+      np.testing.assert_allclose(run[key], values.mean(), rtol=1e-12)
+      np.testing.assert_allclose(run[f"{key}_std"], values.std(ddof=1),
+                                 rtol=1e-12)
+      assert f"{run[key]:.4f} +- {run[key + '_std']:.4f}" in table
+    losses = np.array([r["curves"]["loss"] for r in run["per_seed"]])
+    np.testing.assert_allclose(run["curves"]["loss"], losses.mean(0))
+  # One seed: the run's own figures, no spread.
+  (one,) = _results_of("--compressors", "top_k", "--steps", 8, "--seed", 6,
+                       "--simulate", "--out", tmp_path / "one", *TINY)["runs"]
+  assert one["final_accuracy_std"] is None and one["seeds"] == [6]
+  assert one["final_accuracy"] == results["runs"][1]["per_seed"][1][
+      "final_accuracy"]
+
+
+def _results_of(*argv) -> dict:
+  out = argv[list(argv).index("--out") + 1]
+  assert gsparse("compare", *argv) == 0
+  return _results(out)
+
+
+def test_resume_continues_every_seed(tmp_path):
+  options = ["--compressors", "top_k", "--seeds", 2, "--checkpoint-every", 8,
+             "--checkpoint-dir", tmp_path / "checkpoints", *TINY]
+  assert gsparse("compare", *options, "--steps", 8, "--out",
+                 tmp_path / "first") == 0
+  for seed in (0, 1):
+    assert _finished_checkpoints(tmp_path / "checkpoints" / "top_k"
+                                 / f"seed-{seed}") == [8]
+  resumed = _results_of(*options, "--steps", 16, "--resume", "--out",
+                        tmp_path / "resumed")
+  straight = _results_of("--compressors", "top_k", "--seeds", 2, *TINY,
+                         "--steps", 16, "--out", tmp_path / "straight")
+  assert _without_wall_time(resumed)["runs"] == _without_wall_time(
+      straight)["runs"]
 
 
 def test_info_lists_versions_devices_and_every_compressor(capsys):

@@ -64,6 +64,11 @@ def configure(parser) -> None:
                       help="data-parallel workers (default: 8)")
   parser.add_argument("--seed", type=int, default=0,
                       help="initialization and batches (default: 0)")
+  parser.add_argument("--seeds", type=positive_int, default=1, metavar="N",
+                      help="train each compressor N times, with seeds "
+                           "--seed, --seed+1, ... (other initializations "
+                           "and batches); the table shows mean +- std "
+                           "(default: 1)")
   parser.add_argument("--accumulate", type=positive_int, default=1,
                       metavar="N", help="micro-batches per optimizer step, "
                       "compressed and sent once (gs.multi_steps; default: 1)")
@@ -90,31 +95,37 @@ def configure(parser) -> None:
 def run(args) -> int:
   specs = _check_options(args)
   names = [spec.text for spec in specs]
+  seeds = [args.seed + i for i in range(args.seeds)]
   devices = _workers_devices(args.workers, args.simulate)
   settings = _settings(args)
-  # Each compressor with its recommended feedback unless --feedback is given.
-  run_settings = [dataclasses.replace(
-      settings, feedback=args.feedback or _registry_entry(spec).feedback)
-                  for spec in specs]
-  _check_checkpoints(args, dict(zip(names, run_settings)))
+  # Each compressor with its recommended feedback unless --feedback is
+  # given; each seed its own initialization and batches.
+  run_settings = {
+      (spec.text, seed): dataclasses.replace(
+          settings, seed=seed,
+          feedback=args.feedback or _registry_entry(spec).feedback)
+      for spec in specs for seed in seeds}
+  _check_checkpoints(args, run_settings)
 
   # Everything is valid: only now is anything computed or written.
   from gsparse_jax._src.cli import tasks  # pylint: disable=g-import-not-at-top
 
   task = tasks.make_task(args.task)
-  sample = _sample_gradient(task, args.seed)
+  samples = {seed: _sample_gradient(task, seed) for seed in seeds}
   # Options reach the factories here; a bad value is still an option error.
-  compressors = [build_compressor(spec, args.ratio, sample) for spec in specs]
+  compressors = {(spec.text, seed): build_compressor(spec, args.ratio,
+                                                     samples[seed])
+                 for spec in specs for seed in seeds}
   os.makedirs(args.out, exist_ok=True)
   runs = []
   with _progress() as progress:
-    for name, compressor, one in zip(names, compressors, run_settings):
-      runs.append(_run_one(name, compressor, task, one, args, devices,
-                           progress))
-  config = _config(args, names, settings, runs[0]["num_params"], task)
-  results = {"config": config,
-             "runs": [{k: v for k, v in r.items() if k != "num_params"}
-                      for r in runs]}
+    for name in names:
+      per_seed = [_run_one(name, seed, compressors[name, seed], task,
+                           run_settings[name, seed], args, devices, progress)
+                  for seed in seeds]
+      runs.append(combine_seeds(per_seed))
+  config = _config(args, names, settings, per_seed[0]["num_params"], task)
+  results = {"config": config, "runs": runs}
   path = os.path.join(args.out, "results.json")
   with open(path, "w") as f:
     json.dump(results, f, indent=1)
@@ -122,7 +133,8 @@ def run(args) -> int:
   pngs = figures.write_figures(
       args.out, results["runs"], task.metric,
       f"{task.name}, {args.workers} workers, {args.steps} steps, "
-      f"ratio {args.ratio}")
+      f"ratio {args.ratio}, feedback {args.feedback or 'recommended'}"
+      + (f", mean of {args.seeds} seeds" if args.seeds > 1 else ""))
   _print_table(results, task.metric)
   print(f"wrote {path} and {', '.join(os.path.basename(p) for p in pngs)}")
   return 0
@@ -311,8 +323,8 @@ def _settings(args):
       eval_every=args.eval_every)
 
 
-def _run_dir(args, name: str) -> str:
-  return os.path.join(args.checkpoint_dir, name)
+def _run_dir(args, name: str, seed: int) -> str:
+  return os.path.join(args.checkpoint_dir, name, f"seed-{seed}")
 
 
 def _check_checkpoints(args, run_settings: dict) -> None:
@@ -322,9 +334,10 @@ def _check_checkpoints(args, run_settings: dict) -> None:
     return
   from gsparse_jax._src.cli import training  # pylint: disable=g-import-not-at-top
 
-  metas = {name: training.read_checkpoint_meta(_run_dir(args, name))
-           for name in run_settings}
-  found = {name: meta for name, meta in metas.items() if meta is not None}
+  metas = {run: training.read_checkpoint_meta(_run_dir(args, *run))
+           for run in run_settings}
+  found = {f"{name} (seed {seed})": (meta, run_settings[name, seed])
+           for (name, seed), meta in metas.items() if meta is not None}
   if not args.resume:
     if found:
       raise common.OptionError(
@@ -335,8 +348,8 @@ def _check_checkpoints(args, run_settings: dict) -> None:
   if not found:
     raise common.OptionError(f"--resume: no checkpoint of these compressors "
                              f"in {args.checkpoint_dir}")
-  for name, meta in found.items():
-    current = dataclasses.asdict(run_settings[name])
+  for name, (meta, one) in found.items():
+    current = dataclasses.asdict(one)
     for key, value in meta["settings"].items():
       if current.get(key) != value:
         option = "--" + key.replace("_", "-")
@@ -372,8 +385,8 @@ def _sample_gradient(task, seed):
   return nnx.grad(task.loss)(model, x, y)
 
 
-def _run_one(name, compressor, task, settings, args, devices, progress
-             ) -> dict:
+def _run_one(name, seed, compressor, task, settings, args, devices,
+             progress) -> dict:
   import gsparse_jax as gs  # pylint: disable=g-import-not-at-top
   from gsparse_jax._src.cli import training  # pylint: disable=g-import-not-at-top
 
@@ -381,11 +394,12 @@ def _run_one(name, compressor, task, settings, args, devices, progress
   checkpoints, start, curves, wall_s = None, 0, None, 0.0
   if args.checkpoint_dir is not None:
     checkpoints = training.Checkpoints(
-        _run_dir(args, name), args.checkpoint_every,
+        _run_dir(args, name, seed), args.checkpoint_every,
         dataclasses.asdict(settings))
     if args.resume and checkpoints.latest_step() is not None:
       run.state, curves, wall_s, start = checkpoints.restore(run.state)
-  bar = progress.add_task(name, total=args.steps, completed=start, loss=0.0,
+  label = name if args.seeds == 1 else f"{name} seed {seed}"
+  bar = progress.add_task(label, total=args.steps, completed=start, loss=0.0,
                           sent=0.0)
   outcome = run.train(
       args.steps, start=start, curves=curves, wall_s=wall_s,
@@ -399,6 +413,7 @@ def _run_one(name, compressor, task, settings, args, devices, progress
                                      args.granularity, args.workers, network)
   return {
       "compressor": name,
+      "seed": seed,
       "feedback": settings.feedback,
       "final_loss": outcome.final_loss,
       "final_accuracy": outcome.final_accuracy,
@@ -413,12 +428,58 @@ def _run_one(name, compressor, task, settings, args, devices, progress
   }
 
 
+PER_SEED_KEYS = ("seed", "final_loss", "final_accuracy",
+                 "bytes_per_step_per_worker", "compression", "wall_s",
+                 "curves")
+
+
+def combine_seeds(per_seed: list[dict]) -> dict:
+  """One compressor's entry of results.json from its runs, one per seed.
+
+  ``final_loss``, ``final_accuracy``, the bytes, the compression and the
+  curves are means over the seeds; ``*_std`` the sample standard deviation
+  (ddof=1; null for one seed); ``wall_s`` the total; ``per_seed`` keeps
+  each run's own figures.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  first = per_seed[0]
+  mean = lambda values: float(np.mean(values))
+  std = lambda values: (float(np.std(values, ddof=1)) if len(values) > 1
+                        else None)
+  combined = {"compressor": first["compressor"],
+              "feedback": first["feedback"],
+              "seeds": [run["seed"] for run in per_seed]}
+  for key in ("final_loss", "final_accuracy"):
+    values = [run[key] for run in per_seed]
+    combined[key], combined[f"{key}_std"] = mean(values), std(values)
+  for key in ("bytes_per_step_per_worker", "dense_bytes_per_step_per_worker",
+              "compression"):
+    combined[key] = mean([run[key] for run in per_seed])
+  # The wire of a compressor does not depend on the seed.
+  combined.update(cost_layout=first["cost_layout"],
+                  projected_comm_s=first["projected_comm_s"],
+                  wall_s=sum(run["wall_s"] for run in per_seed))
+  curves = {}
+  for key, value in first["curves"].items():
+    if key in ("step", "eval_step"):  # the same steps for every seed
+      curves[key] = value
+    else:
+      curves[key] = np.mean([run["curves"][key] for run in per_seed],
+                            axis=0).tolist()
+  combined["curves"] = curves
+  combined["per_seed"] = [{key: run[key] for key in PER_SEED_KEYS}
+                          for run in per_seed]
+  return combined
+
+
 def _config(args, names, settings, num_params, task) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
 
   config = dataclasses.asdict(settings)
   config.update(
       feedback=args.feedback or "recommended (per compressor)",
+      seeds=args.seeds,
       task_summary=task.summary, metric=task.metric, compressors=names,
       steps=args.steps, bandwidth_gbit=args.bandwidth_gbit,
       num_params=num_params,
@@ -467,7 +528,9 @@ def _print_table(results: dict, metric: str) -> None:
       f"workers ({config['mapping']}), {config['steps']} steps, batch "
       f"{config['batch_size']}/worker, ratio {config['ratio']}, "
       f"{config['optimizer']} lr {config['lr']}, "
-      f"{config['num_params']:,} parameters"))
+      f"{config['num_params']:,} parameters"
+      + (f", mean +- std over {config['seeds']} seeds"
+         if config["seeds"] > 1 else "")))
   first, second = (("test acc", "final_accuracy"), ("test loss", "final_loss"))
   if metric == "loss":
     first, second = second, first
@@ -475,13 +538,19 @@ def _print_table(results: dict, metric: str) -> None:
     table.add_column(header, no_wrap=True)
   for header in (first[0], second[0], "bytes/step/worker", "vs dense",
                  f"comm/step @{config['bandwidth_gbit']:g} Gbit/s (model)",
-                 "wall s"):
+                 "wall s" if config["seeds"] == 1 else "wall s (all seeds)"):
     table.add_column(header, justify="right")
+
+  def score(run, key):
+    spread = run.get(f"{key}_std")
+    return (f"{run[key]:.4f}" if spread is None
+            else f"{run[key]:.4f} +- {spread:.4f}")
+
   for run in results["runs"]:
     projected = run["projected_comm_s"]
     table.add_row(
-        run["compressor"], run["feedback"], f"{run[first[1]]:.4f}",
-        f"{run[second[1]]:.4f}", f"{run['bytes_per_step_per_worker']:,.0f}",
+        run["compressor"], run["feedback"], score(run, first[1]),
+        score(run, second[1]), f"{run['bytes_per_step_per_worker']:,.0f}",
         f"{run['compression']:.1f}x",
         "n/a" if projected is None else f"{projected * 1e3:.3f} ms",
         f"{run['wall_s']:.1f}")
