@@ -143,6 +143,11 @@ BAD_OPTIONS = [
     # Checked on the calibrated factory call (after the sample gradient).
     (["--compressors", "hard_threshold:capacity_ratio=2"], "--compressors"),
     (["--task", "imagenet"], "--task"),
+    (["--task", "missing.py:task"], "--task"),  # no such file
+    (["--task", "json:no_such_name"], "--task"),
+    (["--task", "os:sep"], "--task"),  # not a Task
+    (["--task", "json:dumps"], "--task"),  # a callable that needs arguments
+    (["--task", "no_such_module_xyz:task"], "--task"),
     (["--ratio", "7"], "--ratio"),
     (["--steps", "0"], "--steps"),
     (["--out", "blocker/results"], "--out"),
@@ -365,6 +370,45 @@ def test_resume_continues_every_seed(tmp_path):
                          "--steps", 16, "--out", tmp_path / "straight")
   assert _without_wall_time(resumed)["runs"] == _without_wall_time(
       straight)["runs"]
+
+
+USER_TASK = """
+import numpy as np, jax, jax.numpy as jnp, optax
+from flax import nnx
+import gsparse_jax as gs
+
+rng = np.random.default_rng(0)
+x = rng.normal(size=(300, 6)).astype(np.float32)
+y = (x[:, 0] > 0).astype(np.int32)
+
+def loss(model, xb, yb):
+  return optax.softmax_cross_entropy_with_integer_labels(model(xb), yb).mean()
+
+def make():
+  return gs.Task(
+      name="mine", summary="logistic regression on my arrays",
+      metric="accuracy",
+      make_model=lambda seed: nnx.Linear(6, 2, rngs=nnx.Rngs(seed)),
+      loss=loss,
+      evaluate=lambda m: (loss(m, x, y), jnp.mean(m(x).argmax(-1) == y)),
+      sample=lambda r, shape: (lambda i: (x[i], y[i]))(
+          r.integers(0, 300, shape)))
+"""
+
+
+def test_user_task_from_a_file_and_a_module(tmp_path, monkeypatch):
+  (tmp_path / "user_task.py").write_text(USER_TASK)
+  monkeypatch.chdir(tmp_path)
+  for spec in ("user_task.py:make", "user_task:make"):  # file, then module
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / spec.replace(":", "_")
+    results = _results_of("--task", spec, "--compressors", "dense,top_k",
+                          "--steps", 4, "--out", out, *TINY)
+    assert results["config"]["task"] == spec
+    assert results["config"]["num_params"] == 6 * 2 + 2
+    dense, top_k = results["runs"]
+    assert dense["bytes_per_step_per_worker"] == 14 * 4
+    assert top_k["bytes_per_step_per_worker"] == 1 * 8  # max(1, 0.14)
 
 
 def test_info_lists_versions_devices_and_every_compressor(capsys):

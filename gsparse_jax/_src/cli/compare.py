@@ -31,8 +31,11 @@ OPTIMIZER_NAMES = ("adam", "adamw", "sgd", "momentum")
 def configure(parser) -> None:
   positive_int = common.bounded(int, 1)
   positive = common.bounded(float, 0, low_open=True)
-  parser.add_argument("--task", default="digits-mlp", choices=TASK_NAMES,
-                      help="what to train (default: digits-mlp)")
+  parser.add_argument("--task", default="digits-mlp",
+                      help=f"what to train: {', '.join(TASK_NAMES)}, or "
+                           "your own gs.Task as FILE.py:NAME or "
+                           "package.module:NAME (a Task or a zero-argument "
+                           "callable returning one; default: digits-mlp)")
   parser.add_argument(
       "--compressors", default=",".join(DEFAULT_COMPRESSORS),
       help="comma-separated compressors (see `gsparse info`), or 'all'. A "
@@ -110,7 +113,10 @@ def run(args) -> int:
   # Everything is valid: only now is anything computed or written.
   from gsparse_jax._src.cli import tasks  # pylint: disable=g-import-not-at-top
 
-  task = tasks.make_task(args.task)
+  try:
+    task = tasks.load_task(args.task)
+  except ValueError as error:
+    raise common.OptionError(f"--task: {error}") from None
   samples = {seed: _sample_gradient(task, seed) for seed in seeds}
   # Options reach the factories here; a bad value is still an option error.
   compressors = {(spec.text, seed): build_compressor(spec, args.ratio,
