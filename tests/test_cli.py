@@ -411,6 +411,19 @@ def test_user_task_from_a_file_and_a_module(tmp_path, monkeypatch):
     assert top_k["bytes_per_step_per_worker"] == 1 * 8  # max(1, 0.14)
 
 
+def test_the_readme_task_file_runs_as_written(tmp_path, monkeypatch):
+  readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md")
+  (code,) = [b for b in readme.read_text().split("```py\n")[1:]
+             if "gs.Task(" in b]
+  (tmp_path / "my_task.py").write_text(code.split("```")[0])
+  monkeypatch.chdir(tmp_path)
+  results = _results_of("--task", "my_task.py:task", "--compressors",
+                        "dense,cast", "--steps", 4, "--out", tmp_path / "out",
+                        *TINY)
+  assert results["config"]["num_params"] == 20 * 64 + 64 + 64 * 2 + 2
+  assert [r["feedback"] for r in results["runs"]] == ["none", "ef"]
+
+
 def test_info_lists_versions_devices_and_every_compressor(capsys):
   import jax  # pylint: disable=g-import-not-at-top
   assert gsparse("info") == 0

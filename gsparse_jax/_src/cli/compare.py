@@ -50,7 +50,8 @@ def configure(parser) -> None:
   parser.add_argument("--feedback", default=None,
                       help="error feedback of every run: none, ef, ef21, "
                            "ef21m (default: each compressor's recommended "
-                           "rule, see `gsparse info`: none for dense, "
+                           "rule, gs.COMPRESSORS[name].feedback: none for "
+                           "dense, "
                            "ef21m for arc_top_k, ef for the rest)")
   parser.add_argument("--granularity", default="global",
                       help="global or layer (default: global)")
