@@ -468,3 +468,71 @@ def test_bench_quick_end_to_end(tmp_path):
   for name in ("selection", "step_overhead", "bytes", "scale_model"):
     assert (tmp_path / f"{name}.png").stat().st_size > 0
   assert "### Bytes per step" in (tmp_path / "report.md").read_text()
+
+
+MISSING = [  # (argv, module made unimportable, the distribution named)
+    (["compare"], "sklearn", "scikit-learn"),
+    (["compare", "--task", "charlm"], "flax", "flax"),
+    (["compare", "--checkpoint-dir", "ckpt"], "orbax.checkpoint",
+     "orbax-checkpoint"),
+    (["bench"], "matplotlib", "matplotlib"),
+]
+
+
+@pytest.mark.parametrize("argv, module, package", MISSING)
+def test_missing_module_of_the_extra_is_one_line_exit_2(
+    argv, module, package, tmp_path, monkeypatch, capsys):
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setitem(sys.modules, module, None)  # `import module` fails
+  assert gsparse(*argv) == 2
+  captured = capsys.readouterr()
+  assert captured.err == (f"gsparse: {argv[0]} needs {package}; install "
+                          "gsparse_jax[cli] (pip install "
+                          "'gsparse_jax[cli]')\n")
+  assert captured.out == "" and list(tmp_path.iterdir()) == []
+
+
+def test_an_unlisted_import_of_the_extra_is_still_one_line(monkeypatch,
+                                                          capsys):
+  """`requires` missed it, the import fails in `run`: the same line."""
+  from gsparse_jax._src.cli import advise  # pylint: disable=g-import-not-at-top
+
+  def run(args):
+    del args
+    import rich.table  # pylint: disable=g-import-not-at-top,unused-import
+    return 0
+
+  monkeypatch.setattr(advise, "run", run)
+  monkeypatch.setitem(sys.modules, "rich.table", None)
+  assert gsparse("advise", "--params", 1e6, "--workers", 8,
+                 "--bandwidth-gbit", 10) == 2
+  assert capsys.readouterr().err.startswith("gsparse: advise needs rich; ")
+
+
+@pytest.mark.parametrize("module", ["rich", "flax", "sklearn", "matplotlib",
+                                    "orbax"])
+def test_info_needs_only_the_core_dependencies(module, monkeypatch, capsys):
+  monkeypatch.setitem(sys.modules, module, None)
+  assert gsparse("info") == 0
+  assert "top_k" in capsys.readouterr().out
+
+
+def test_the_cli_extra_holds_every_module_a_subcommand_may_need():
+  import tomllib  # pylint: disable=g-import-not-at-top
+
+  from gsparse_jax._src.cli import common  # pylint: disable=g-import-not-at-top
+
+  root = pathlib.Path(__file__).resolve().parents[1]
+  extras = tomllib.loads((root / "pyproject.toml").read_text())[
+      "project"]["optional-dependencies"]
+  names = lambda extra: {r.split(">")[0].split("=")[0].split("[")[0]
+                         for r in extras[extra]}
+  assert names("cli") == set(common.EXTRA_MODULES.values())
+  assert names("cli") <= names("examples")  # the quick start has them all
+  for command in cli.COMMANDS:
+    args = cli.build_parser().parse_args(
+        [command.NAME, *(["--params", "1", "--workers", "1",
+                          "--bandwidth-gbit", "1"]
+                         if command.NAME == "advise" else [])])
+    for module in command.requires(args):
+      assert module.partition(".")[0] in common.EXTRA_MODULES

@@ -112,3 +112,41 @@ def test_dense_payload_is_whole_vector():
 def test_compress_rejects_non_flat_input():
   with pytest.raises(ValueError, match="1-D"):
     gs.compress(gs.top_k(k=1), jnp.ones((2, 2)), (), jax.random.key(0))
+
+
+@pytest.mark.parametrize("name", gs.compressor_names())
+def test_needs_sample_says_which_compressors_calibrate_on_a_sample(name):
+  entry = gs.COMPRESSORS[name]
+  sample = {"w": jnp.linspace(-1.0, 1.0, 64)}
+  assert isinstance(gs.compressor_from_ratio(name, 0.1, sample),
+                    gs.Compressor)
+  if entry.needs_sample:
+    with pytest.raises(ValueError, match="calibrates on a sample"):
+      gs.compressor_from_ratio(name, 0.1)
+  else:
+    assert isinstance(gs.compressor_from_ratio(name, 0.1), gs.Compressor)
+
+
+def test_errors_follow_the_rule_of_docs_errors_md():
+  """TypeError: not the kind of object taken; ValueError: a value not
+  allowed, whatever the Python type of a configuration argument."""
+  x, key = jnp.linspace(-1.0, 1.0, 16), jax.random.key(0)
+  payload = gs.compress(gs.top_k(0.25), x, (), key)
+  for wrong_kind in (lambda: gs.compress("top_k", x, (), key),
+                     lambda: gs.compress(gs.top_k(0.25), x, (), 0),
+                     lambda: gs.compress(gs.top_k(0.25), x, (), key,
+                                         axis_name=3),
+                     lambda: gs.aggregate(x, axis_name=None),
+                     lambda: gs.aggregate(payload, axis_name=3)):
+    with pytest.raises(TypeError):
+      wrong_kind()
+  for wrong_value in (lambda: gs.top_k(1.5), lambda: gs.top_k("0.1"),
+                      lambda: gs.top_k(k=2.5), lambda: gs.qsgd(bits=0),
+                      lambda: gs.rand_k(0.1, shared="yes"),
+                      lambda: gs.compress(gs.top_k(0.25), x[None], (), key),
+                      lambda: gs.multi_steps(gs.sparsify(gs.top_k(0.25)),
+                                             every_k_steps=0),
+                      lambda: gs.cost_model.network_from_gbit("10"),
+                      lambda: gs.compressor_from_ratio("nope", 0.1)):
+    with pytest.raises(ValueError):
+      wrong_value()

@@ -105,13 +105,13 @@ def test_best_layout():
 
 @pytest.mark.parametrize(
     "kwargs,message",
-    [(dict(layout="ring"), "layout must be one of"),
-     (dict(ratio=0.0), "ratio must satisfy 0 < ratio <= 1"),
-     (dict(ratio=1.5), "ratio must satisfy 0 < ratio <= 1"),
-     (dict(num_workers=0), "num_workers must be an int >= 1"),
-     (dict(num_workers=2.5), "num_workers must be an int >= 1"),
-     (dict(num_params=0), "num_params must be >= 1"),
-     (dict(selection_s_per_element=-1.0), "selection_s_per_element")])
+    [(dict(layout="ring"), "`layout` must be one of"),
+     (dict(ratio=0.0), r"`ratio` must be a number in \(0, 1\]"),
+     (dict(ratio=1.5), r"`ratio` must be a number in \(0, 1\]"),
+     (dict(num_workers=0), "`num_workers` must be an integer >= 1"),
+     (dict(num_workers=2.5), "`num_workers` must be an integer >= 1"),
+     (dict(num_params=0), "`num_params` must be a finite number >= 1"),
+     (dict(selection_s_per_element=-1.0), "`selection_s_per_element`")])
 def test_invalid_arguments_raise(kwargs, message):
   args = dict(num_params=1e6, num_workers=4, network=NET, layout="sparse")
   args.update(kwargs)
@@ -120,9 +120,10 @@ def test_invalid_arguments_raise(kwargs, message):
 
 
 def test_network_validation():
-  with pytest.raises(ValueError, match="gbit_per_s must be > 0"):
+  with pytest.raises(ValueError, match="`gbit_per_s` must be a number > 0"):
     cm.network_from_gbit(0.0)
-  with pytest.raises(ValueError, match="latency_s must be >= 0"):
+  with pytest.raises(ValueError,
+                     match="`latency_s` must be a finite number >= 0"):
     cm.network_from_gbit(1.0, latency_s=-1.0)
 
 
@@ -198,11 +199,13 @@ def test_calibrate_with_no_bandwidth_term_gives_an_infinite_bandwidth():
 
 
 @pytest.mark.parametrize("samples,kwargs,message", [
-    ([(1e6, 2, 1e-3)], {}, "at least 3 samples"),
-    ([(1e6, 1, 1e-3)] * 3, {}, ">= 2 workers"),
-    ([(1e6, 2, 0.0)] * 3, {}, "times must be > 0"),
-    ([(1e6, 2, 1e-3)] * 3, {"topology": "ring"}, "topology must be one of"),
-    ([(1e6, 2, 1e-3, "broadcast")] * 3, {}, "collective must be one of"),
+    ([(1e6, 2, 1e-3)], {}, "`the number of samples` must be an integer >= 3"),
+    ([(1e6, 1, 1e-3)] * 3, {}, "`num_workers of sample .*` must be an "
+                               "integer >= 2"),
+    ([(1e6, 2, 0.0)] * 3, {}, "`seconds of sample .*` must be a finite "
+                              "number > 0"),
+    ([(1e6, 2, 1e-3)] * 3, {"topology": "ring"}, "`topology` must be one of"),
+    ([(1e6, 2, 1e-3, "broadcast")] * 3, {}, "`collective` must be one of"),
 ])
 def test_calibrate_rejects_bad_input(samples, kwargs, message):
   with pytest.raises(ValueError, match=message):
@@ -302,5 +305,5 @@ def test_two_level_dense_is_the_baseline_and_one_slice_sends_nothing_across():
                                selection_s_per_element=1e-9)
   assert alone.outer_s == 0.0
   assert alone.total_s == pytest.approx(1.02e-4 + 2.5e-4)
-  with pytest.raises(ValueError, match="num_workers"):
+  with pytest.raises(ValueError, match="`devices_per_slice`"):
     cm.project_two_level(2.5e5, 4, 0, TWO_LEVEL, "sparse")

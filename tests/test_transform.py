@@ -299,6 +299,33 @@ def test_nonfinite_skip_keeps_state_on_every_worker(feedback, context, mesh):
   assert int(np.asarray(state.count).ravel()[0]) == 2
 
 
+@pytest.mark.parametrize("context", runners.CONTEXTS)
+def test_skipped_step_keeps_compressor_state_and_every_leaf(context, mesh):
+  """A NaN in one leaf of one worker, global granularity over two leaves and
+  a compressor with state (RegTop-k's posterior statistics): the skipped
+  step outputs zeros in every leaf, and memory, compressor state and count
+  are bit for bit those of a run that never saw it."""
+  tx = gs.sparsify(gs.reg_top_k(0.25), axis_name=runners.AXIS)
+  params = {"a": jnp.zeros((4, 3)), "b": jnp.zeros((5,))}
+  rng = np.random.default_rng(7)
+  grads = {"a": rng.normal(size=(4, WORKERS, 4, 3)).astype(np.float32),
+           "b": rng.normal(size=(4, WORKERS, 5)).astype(np.float32)}
+  grads["b"][2, 3, 1] = np.inf
+  outputs, state = runners.run_steps(
+      tx, params, jax.tree.map(jnp.asarray, grads), context, mesh)
+  for leaf in jax.tree.leaves(outputs):
+    np.testing.assert_array_equal(leaf[2], 0.0)
+  clean = jax.tree.map(lambda g: jnp.asarray(g[[0, 1, 3]]), grads)
+  expected, clean_state = runners.run_steps(tx, params, clean, context, mesh)
+  for got, want in zip(jax.tree.leaves(outputs), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(got[[0, 1, 3]], want)
+  chex.assert_trees_all_equal(state.memory, clean_state.memory)
+  chex.assert_trees_all_equal(state.compressor_state,
+                              clean_state.compressor_state)
+  chex.assert_trees_all_equal(state.count, clean_state.count)
+  assert gs.comm_stats(state)["skipped_steps"] == 1
+
+
 def test_nonfinite_raise():
   tx = gs.sparsify(gs.top_k(0.5), nonfinite="raise")
   g = {"w": jnp.array([1.0, jnp.inf])}
@@ -318,12 +345,17 @@ def test_state_mismatch_is_a_clear_error():
     (dict(granularity="leaf"), "`granularity` must be one of"),
     (dict(nonfinite="drop"), "`nonfinite` must be one of"),
     (dict(momentum=1.0), "`momentum` must be a number in"),
-    (dict(axis_name=3), "`axis_name` must be"),
 ])
 def test_sparsify_argument_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
     gs.sparsify(gs.top_k(0.1), **kwargs)
-  with pytest.raises(ValueError, match="`compressor` must be"):
+
+
+def test_sparsify_wrong_kinds_of_object_are_type_errors():
+  """docs/errors.md: the wrong kind of object is a TypeError."""
+  with pytest.raises(TypeError, match="`axis_name` must be"):
+    gs.sparsify(gs.top_k(0.1), axis_name=3)
+  with pytest.raises(TypeError, match="`compressor` must be"):
     gs.sparsify("top_k")
 
 

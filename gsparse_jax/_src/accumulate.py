@@ -17,13 +17,13 @@ communication is computed every call.
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from gsparse_jax._src import validation
 
 
 class MultiStepsState(NamedTuple):
@@ -81,12 +81,7 @@ def multi_steps(tx: optax.GradientTransformation, every_k_steps: int
     >>> u.tolist()  # top-1 of the mean [2, -2, 1]: ties go to the lower index
     [2.0, 0.0, 0.0]
   """
-  if (isinstance(every_k_steps, bool)
-      or not isinstance(every_k_steps, numbers.Integral)
-      or every_k_steps < 1):
-    raise ValueError("`every_k_steps` must be an integer >= 1, got "
-                     f"{every_k_steps!r}.")
-  k = int(every_k_steps)
+  k = validation.positive_int(every_k_steps, "every_k_steps")
 
   def init_fn(params):
     return MultiStepsState(

@@ -57,6 +57,7 @@ from typing import Any, Iterable, NamedTuple, Optional
 
 import numpy as np
 
+from gsparse_jax._src import validation
 from gsparse_jax._src import wire
 
 LAYOUTS = ("dense", "sparse", "aligned", "arc")
@@ -139,13 +140,9 @@ def network_from_gbit(gbit_per_s: float,
   Returns:
     A `Network`.
   """
-  if not gbit_per_s > 0:
-    raise ValueError(f"gbit_per_s must be > 0, got {gbit_per_s}.")
-  if not latency_s >= 0:
-    raise ValueError(f"latency_s must be >= 0, got {latency_s}.")
-  if not overhead_s_per_byte >= 0:
-    raise ValueError(
-        f"overhead_s_per_byte must be >= 0, got {overhead_s_per_byte}.")
+  validation.positive(gbit_per_s, "gbit_per_s")
+  validation.finite_nonnegative(latency_s, "latency_s")
+  validation.finite_nonnegative(overhead_s_per_byte, "overhead_s_per_byte")
   _check_topology(topology)
   return Network(latency_s, gbit_per_s * 1e9 / 8, overhead_s_per_byte,
                  topology)
@@ -166,12 +163,10 @@ def ring_schedule(collective: str, num_bytes: float,
     all-reduce, `(n - 1, (n - 1) * b)` for an all-gather.
   """
   n = _check_workers(num_workers)
+  validation.choice(collective, "collective", COLLECTIVES)
   if collective == wire.ALL_REDUCE:
     return 2 * (n - 1), 2 * (n - 1) / n * num_bytes
-  if collective == wire.ALL_GATHER:
-    return n - 1, (n - 1) * num_bytes
-  raise ValueError(
-      f"collective must be one of {COLLECTIVES}, got {collective!r}.")
+  return n - 1, (n - 1) * num_bytes  # all-gather
 
 
 def link_bytes(bytes_per_worker: float, num_workers: int,
@@ -282,24 +277,19 @@ def calibrate(samples: Iterable[Any], topology: str = "per_worker", *,
   samples = [Sample(*s) for s in samples]
   rows, times = [], []
   for s in samples:
-    if not s.seconds > 0:
-      raise ValueError(f"sample times must be > 0, got {s}.")
-    if _check_workers(s.num_workers) < 2:
-      raise ValueError(f"samples need >= 2 workers, got {s}.")
+    validation.finite_positive(s.seconds, f"seconds of sample {s}")
+    validation.count(s.num_workers, f"num_workers of sample {s}", minimum=2)
     steps, sent = ring_schedule(s.collective, s.num_bytes, s.num_workers)
     rows.append([steps, link_bytes(sent, s.num_workers, topology), sent])
     times.append(s.seconds)
   a, y = np.asarray(rows, np.float64), np.asarray(times, np.float64)
   unknowns = [0, 1, 2]
   if bandwidth_bytes_per_s is not None:
-    if not bandwidth_bytes_per_s > 0:
-      raise ValueError("bandwidth_bytes_per_s must be > 0, got "
-                       f"{bandwidth_bytes_per_s}.")
+    validation.positive(bandwidth_bytes_per_s, "bandwidth_bytes_per_s")
     y = y - a[:, 1] / bandwidth_bytes_per_s
     unknowns = [0, 2]
-  if len(samples) < len(unknowns):
-    raise ValueError(f"calibrate needs at least {len(unknowns)} samples, "
-                     f"got {len(samples)}.")
+  validation.count(len(samples), "the number of samples",
+                   minimum=len(unknowns))
   coef = _nonnegative_least_squares(a, y, unknowns, weights=1.0 / np.asarray(
       times))
   bandwidth = bandwidth_bytes_per_s if bandwidth_bytes_per_s is not None else (
@@ -388,15 +378,11 @@ def project_step(
   Raises:
     ValueError: on a bad layout, ratio, size or worker count.
   """
-  if layout not in LAYOUTS:
-    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
-  if not 0 < ratio <= 1:
-    raise ValueError(f"ratio must satisfy 0 < ratio <= 1, got {ratio}.")
-  if not num_params >= 1:
-    raise ValueError(f"num_params must be >= 1, got {num_params}.")
-  if not selection_s_per_element >= 0:
-    raise ValueError("selection_s_per_element must be >= 0, got "
-                     f"{selection_s_per_element}.")
+  validation.choice(layout, "layout", LAYOUTS)
+  validation.ratio(ratio)
+  validation.at_least(num_params, "num_params", 1)
+  validation.finite_nonnegative(selection_s_per_element,
+                                "selection_s_per_element")
   n = _check_workers(num_workers)
   k = budget(num_params, ratio)
   dense_bytes = num_params * bytes_per_value
@@ -486,9 +472,8 @@ def project_compressor(compressor: Any, num_params: float, num_workers: int,
   """
   d = int(num_params)
   n = _check_workers(num_workers)
-  if not selection_s_per_element >= 0:
-    raise ValueError("selection_s_per_element must be >= 0, got "
-                     f"{selection_s_per_element}.")
+  validation.finite_nonnegative(selection_s_per_element,
+                                "selection_s_per_element")
   value_dtype = {4: np.float32, 2: np.float16}[bytes_per_value]
   collectives = compressor.wire(d, value_dtype)
   communication_s = sum(collective_seconds(c.kind, c.bytes, n, network)
@@ -521,17 +506,11 @@ def best_layout(num_params: float, num_workers: int, network: Network,
 
 
 def _check_topology(topology) -> str:
-  if topology not in TOPOLOGIES:
-    raise ValueError(f"topology must be one of {TOPOLOGIES}, got "
-                     f"{topology!r}.")
-  return topology
+  return validation.choice(topology, "topology", TOPOLOGIES)
 
 
-def _check_workers(num_workers) -> int:
-  if isinstance(num_workers, bool) or int(num_workers) != num_workers or (
-      num_workers < 1):
-    raise ValueError(f"num_workers must be an int >= 1, got {num_workers}.")
-  return int(num_workers)
+def _check_workers(num_workers, name: str = "num_workers") -> int:
+  return validation.count(num_workers, name)
 
 
 # Two-level networks: fast links inside a slice (NVLink, TPU ICI), slow links
@@ -602,7 +581,7 @@ def hierarchical_all_reduce_seconds(num_bytes: float, num_slices: int,
     `ring_all_reduce(B, p, inner) + ring_all_reduce(B / p, S, outer)`
     seconds (reduce-scatter and all-gather cost one ring all-reduce).
   """
-  p = _check_workers(devices_per_slice)
+  p = _check_workers(devices_per_slice, "devices_per_slice")
   return (ring_all_reduce_seconds(num_bytes, p, network.inner)
           + ring_all_reduce_seconds(num_bytes / p, num_slices, network.outer))
 
@@ -647,7 +626,7 @@ def project_two_level(
   Raises:
     ValueError: as `project_step`, and for a bad slice or device count.
   """
-  p = _check_workers(devices_per_slice)
+  p = _check_workers(devices_per_slice, "devices_per_slice")
   across = project_step(num_params, num_slices, network.outer, layout,
                         **kwargs)
   dense_bytes = num_params * kwargs.get("bytes_per_value", 4)

@@ -114,9 +114,6 @@ def qsgd(bits: int = 4, *,
   Communication-efficient SGD via gradient quantization and encoding", 2017
   (arXiv 1610.02132).
   """
-  bits = validation.positive_int(bits, "bits")
-  if bits > MAX_BITS:
-    raise ValueError(f"`bits` must be an integer in [1, {MAX_BITS}], got "
-                     f"{bits!r}.")
+  bits = validation.int_in_range(bits, "bits", 1, MAX_BITS)
   return QSGD(bits=bits, bucket_size=validation.optional_positive_int(
       bucket_size, "bucket_size"))

@@ -48,6 +48,8 @@ class CompressorEntry(NamedTuple):
     arguments: ``(ratio, sample) -> dict``: the keyword arguments of
       ``factory`` that ``from_ratio`` uses, so that a caller can override
       some (``factory(**{**arguments(ratio, sample), **options})``).
+    needs_sample: True when ``from_ratio`` calibrates on a sample gradient
+      (``sample`` must not be None); tools without one skip the compressor.
   """
 
   name: str
@@ -56,6 +58,7 @@ class CompressorEntry(NamedTuple):
   summary: str
   feedback: str = "ef"
   arguments: Callable[[float, Any], dict] = lambda ratio, sample: {}
+  needs_sample: bool = False
 
 
 def _hard_threshold_arguments(ratio: float, sample: Any) -> dict:
@@ -104,7 +107,8 @@ _ENTRIES = (
     CompressorEntry("hard_threshold", threshold_compressors.hard_threshold,
                     _hard_threshold_from_ratio,
                     "every |a| >= lambda (calibrated to the ratio on a sample)",
-                    arguments=_hard_threshold_arguments),
+                    arguments=_hard_threshold_arguments,
+                    needs_sample=True),
     CompressorEntry("gaussian_k", threshold_compressors.gaussian_k,
                     _at_ratio(threshold_compressors.gaussian_k),
                     "threshold from a Gaussian fit (approximate Top-k)",
@@ -159,11 +163,20 @@ def compressor_from_ratio(name: str, ratio: float, sample: Optional[Any] = None
     name: one of `compressor_names()`.
     ratio: fraction of entries kept, in (0, 1] (ignored by ``"dense"``).
     sample: a representative gradient pytree, needed by compressors that
-      calibrate on data (``"hard_threshold"``).
+      calibrate on data (those whose entry has ``needs_sample``, e.g.
+      ``"hard_threshold"``).
 
   Returns:
     A `Compressor`.
+
+  Raises:
+    ValueError: an unknown ``name``, a ``ratio`` outside (0, 1], or no
+      ``sample`` for a compressor that needs one.
   """
   validation.choice(name, "name", compressor_names())
   validation.ratio(ratio)
-  return REGISTRY[name].from_ratio(ratio, sample)
+  entry = REGISTRY[name]
+  if entry.needs_sample and sample is None:
+    raise ValueError(f"{name} calibrates on a sample gradient: pass "
+                     "`sample`.")
+  return entry.from_ratio(ratio, sample)

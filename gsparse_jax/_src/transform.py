@@ -10,7 +10,8 @@ the step count, and the communication statistics.
 One step is a short pipeline: check the input against the state, flatten the
 float leaves into segments (`plan`), then, per segment, feedback `prepare` ->
 compressor `agree`/`select` -> compressor `aggregate` -> feedback `finish` ->
-compressor `update`, all inside one `lax.cond` that skips non-finite steps.
+compressor `update`; a non-finite step is skipped by selecting the old state
+and zero outputs (a select, not a `lax.cond`: see `_keep_state_if_skipped`).
 The generic code here knows compressors and feedback rules only through
 their contracts (`compressors.Compressor`, `feedback.FeedbackRule`).
 
@@ -240,15 +241,15 @@ def sparsify(compressor: compressors.Compressor, *, feedback: str = "ef",
   (arXiv 1809.07599).
   """
   if not isinstance(compressor, compressors.Compressor):
-    raise ValueError("`compressor` must be a gsparse_jax Compressor (e.g. "
-                     f"gs.top_k(0.01)); got {compressor!r}.")
+    raise TypeError("`compressor` must be a gsparse_jax Compressor (e.g. "
+                    f"gs.top_k(0.01)); got {compressor!r}.")
   validation.choice(feedback, "feedback", feedback_lib.FEEDBACKS)
   validation.choice(granularity, "granularity", GRANULARITIES)
   validation.choice(nonfinite, "nonfinite", NONFINITE)
   momentum = validation.in_interval(momentum, "momentum", 0.0, 1.0)
   if axis_name is not None and not isinstance(axis_name, str):
-    raise ValueError(f"`axis_name` must be a string or None, got "
-                     f"{axis_name!r}.")
+    raise TypeError(f"`axis_name` must be a string or None, got "
+                    f"{axis_name!r}.")
   memory_dtype = validation.dtype(memory_dtype, "memory_dtype", MEMORY_DTYPES)
   inner_axes = _check_inner_axes(inner_axes, axis_name)
   rule = feedback_lib.rule(feedback, momentum)
@@ -296,14 +297,6 @@ def sparsify(compressor: compressors.Compressor, *, feedback: str = "ef",
     return StepOutcome(outs, tuple(new_memory), tuple(new_comp),
                        tuple(new_shared), sent_values, overflow)
 
-  def skip(segments, count, grads, memory, comp_state, shared_memory
-           ) -> StepOutcome:
-    del count, grads
-    none_sent = jnp.zeros([], jnp.int32)
-    return StepOutcome([jnp.zeros((s.size,), jnp.float32) for s in segments],
-                       memory, comp_state, shared_memory, none_sent,
-                       none_sent)
-
   def update_fn(updates, state, params=None):
     del params
     _check_leaves(updates, "updates")
@@ -319,16 +312,13 @@ def sparsify(compressor: compressors.Compressor, *, feedback: str = "ef",
       grads = [g * inner_scale for g in grads]
     operands = (state.count, grads, _local(state.memory),
                 _local(state.compressor_state), state.shared_memory)
-    applied = _all_finite(grads, (axis_name, *inner_axes), nonfinite)
-    if nonfinite == "ignore":
-      outcome = communicate(segments, *operands)
-    else:
-      # A real branch, not a select: a finite step pays nothing for the
-      # check but one read of the gradient, and a skipped step leaves every
-      # memory bit-for-bit as it was. `applied` is the same on all workers.
-      outcome = jax.lax.cond(
-          applied, _typed(communicate, segments, axis_name),
-          _typed(skip, segments, axis_name), *operands)
+    # The check reads the leaves, not the segments: a reduction over a
+    # concatenated segment makes XLA materialize the concatenation.
+    applied = _all_finite([leaves[i] for s in segments for i in s.leaf_ids],
+                          (axis_name, *inner_axes), nonfinite)
+    outcome = communicate(segments, *operands)
+    if nonfinite != "ignore":
+      outcome = _keep_state_if_skipped(outcome, applied, operands)
     new_state = state._replace(
         count=state.count + applied.astype(jnp.int32),
         memory=_per_worker(outcome.memory),
@@ -336,9 +326,49 @@ def sparsify(compressor: compressors.Compressor, *, feedback: str = "ef",
         shared_memory=outcome.shared_memory,
         stats=_record(state.stats, segments, applied, outcome,
                       bool(inner_axes)))
-    return _unflatten(outcome.outputs, leaves, segments, treedef), new_state
+    outputs = _unflatten(outcome.outputs, leaves, segments, treedef)
+    if nonfinite != "ignore":
+      outputs = _zero_if_skipped(outputs, segments, applied)
+    return outputs, new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _keep_state_if_skipped(outcome: StepOutcome, applied: jax.Array,
+                           operands) -> StepOutcome:
+  """The step's outcome, or (``applied`` false) the state as it was, bit for
+  bit (the outputs are zeroed leaf by leaf, `_zero_if_skipped`).
+
+  A select on the results, not a `lax.cond` around the step: XLA fuses each
+  select into the computation of its result (the old value is read there
+  anyway), while a conditional materializes its operands and results
+  around the branch computations (on XLA:CPU several full copies of the
+  gradient). ``applied`` is the same on every worker.
+  """
+  _, _, memory, comp_state, shared_memory = operands
+  keep = lambda new, old: jnp.where(applied, new, old)
+  return StepOutcome(
+      outputs=outcome.outputs,
+      memory=jax.tree.map(keep, outcome.memory, memory),
+      compressor_state=jax.tree.map(keep, outcome.compressor_state,
+                                    comp_state),
+      shared_memory=jax.tree.map(keep, outcome.shared_memory, shared_memory),
+      sent_values=jnp.where(applied, outcome.sent_values, 0),
+      overflow=jnp.where(applied, outcome.overflow, 0))
+
+
+def _zero_if_skipped(outputs, segments, applied):
+  """Zeros for the compressed leaves of a skipped step.
+
+  Leaf by leaf, after the segments are cut back into leaves: a select over
+  a whole segment would make XLA materialize its concatenation, which it
+  otherwise folds away (a slice of a concatenate is the leaf itself).
+  """
+  leaves, treedef = jax.tree.flatten(outputs)
+  for segment in segments:
+    for i in segment.leaf_ids:
+      leaves[i] = jnp.where(applied, leaves[i], jnp.zeros_like(leaves[i]))
+  return jax.tree.unflatten(treedef, leaves)
 
 
 def _per_worker(tree):
@@ -406,35 +436,6 @@ def _unflatten(outputs, leaves, segments, treedef):
   return jax.tree.unflatten(treedef, new_leaves)
 
 
-def _typed(branch, segments, axis_name):
-  """``branch`` with every output typed by the axes it may vary over.
-
-  Both branches of `lax.cond` under `shard_map` must agree on the axes each
-  output varies over; a skipped step returns constants (zero outputs, a
-  constant count) typed replicated, so both are cast alike: per-worker
-  state varies over the workers and the segment's axes, outputs and shared
-  memory over the segment's axes.
-  """
-  def typed(*operands):
-    outcome = branch(segments, *operands)
-    per_worker = lambda i: (axis_name, *segments[i].axes)
-    sent_values, overflow = axes.to_varying(
-        (outcome.sent_values, outcome.overflow), axis_name)
-    return outcome._replace(
-        outputs=[axes.to_varying(o, s.axes)
-                 for o, s in zip(outcome.outputs, segments)],
-        memory=tuple(axes.to_varying(m, per_worker(i))
-                     for i, m in enumerate(outcome.memory)),
-        compressor_state=tuple(
-            axes.to_varying(c, per_worker(i))
-            for i, c in enumerate(outcome.compressor_state)),
-        shared_memory=tuple(axes.to_varying(m, s.axes) for m, s in zip(
-            outcome.shared_memory, segments)),
-        sent_values=sent_values, overflow=overflow)
-
-  return typed
-
-
 def _all_finite(grads, axis_names, nonfinite) -> jax.Array:
   """Whether every device's gradient is finite (the same answer everywhere).
 
@@ -444,9 +445,11 @@ def _all_finite(grads, axis_names, nonfinite) -> jax.Array:
   """
   if nonfinite == "ignore" or not grads:
     return jnp.asarray(True)
-  # sum(g * 0) is NaN iff g holds a NaN or inf; an arithmetic reduction is
-  # several times faster on XLA:CPU than counting a comparison.
-  bad = sum((~jnp.isfinite(jnp.sum(g * 0.0))).astype(jnp.int32)
+  # sum(g - g) is NaN iff g holds a NaN or inf (and never overflows); an
+  # arithmetic reduction is faster on XLA:CPU than counting a comparison,
+  # and unlike `g * 0.0` it does not make XLA:CPU materialize a broadcast
+  # zero operand of the gradient's size.
+  bad = sum((~jnp.isfinite(jnp.sum(g - g))).astype(jnp.int32)
             for g in grads)
   bad = axes.sum_everywhere(bad, [a for a in axis_names if a is not None])
   if nonfinite == "raise":

@@ -43,6 +43,15 @@ def positive_int(value: Any, name: str, minimum: int = 1) -> int:
   return int(value)
 
 
+def int_in_range(value: Any, name: str, low: int, high: int) -> int:
+  """An integer in [low, high]."""
+  if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+      or not low <= value <= high):
+    raise ValueError(f"`{name}` must be an integer in [{low}, {high}], got "
+                     f"{value!r}.")
+  return int(value)
+
+
 def optional_positive_int(value: Any, name: str) -> Optional[int]:
   """None, or an integer >= 1."""
   return None if value is None else positive_int(value, name)
@@ -53,6 +62,31 @@ def integer(value: Any, name: str) -> int:
   if isinstance(value, bool) or not isinstance(value, numbers.Integral):
     raise ValueError(f"`{name}` must be an integer, got {value!r}.")
   return int(value)
+
+
+def count(value: Any, name: str, minimum: int = 1) -> int:
+  """A whole number >= ``minimum``, as an int or an integral float (``8.0``;
+  e.g. a worker count computed in floats)."""
+  if (not _is_real(value) or not math.isfinite(value)
+      or int(value) != value or value < minimum):
+    raise ValueError(f"`{name}` must be an integer >= {minimum}, got "
+                     f"{value!r}.")
+  return int(value)
+
+
+def positive(value: Any, name: str) -> float:
+  """A real number > 0, infinity included (e.g. an unlimited bandwidth)."""
+  if not _is_real(value) or not float(value) > 0.0:
+    raise ValueError(f"`{name}` must be a number > 0, got {value!r}.")
+  return float(value)
+
+
+def at_least(value: Any, name: str, minimum: float) -> float:
+  """A finite real number >= ``minimum`` (e.g. a size given as ``1e9``)."""
+  if not _is_real(value) or not minimum <= float(value) < math.inf:
+    raise ValueError(f"`{name}` must be a finite number >= {minimum}, got "
+                     f"{value!r}.")
+  return float(value)
 
 
 def finite_positive(value: Any, name: str) -> float:

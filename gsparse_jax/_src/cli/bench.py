@@ -31,6 +31,11 @@ def configure(parser) -> None:
                       help="full sizes instead of the quick smoke sizes")
 
 
+def requires(args) -> tuple[str, ...]:
+  del args
+  return ("matplotlib",)  # every benchmark writes a PNG
+
+
 def checkout_root() -> pathlib.Path:
   """The directory holding ``gsparse_jax/`` and ``benchmarks/``."""
   return pathlib.Path(__file__).resolve().parents[3]

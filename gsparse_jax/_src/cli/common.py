@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
-from typing import Callable, NoReturn
+from typing import Callable, NoReturn, Sequence
+
+# The modules the subcommands import beyond the core dependencies, by import
+# name, with the distribution that provides each; all come with `CLI_EXTRA`.
+EXTRA_MODULES = {
+    "flax": "flax",
+    "matplotlib": "matplotlib",
+    "orbax": "orbax-checkpoint",
+    "rich": "rich",
+    "sklearn": "scikit-learn",
+}
+CLI_EXTRA = "gsparse_jax[cli]"
 
 
 class OptionError(ValueError):
@@ -14,6 +26,37 @@ class OptionError(ValueError):
   Raise it with a message that names the option and what it allows; `main`
   prints it as one line and exits 2.
   """
+
+
+class MissingModule(Exception):
+  """A module of `CLI_EXTRA` that a subcommand needs is not installed."""
+
+  def __init__(self, module: str):
+    self.module = module.partition(".")[0]
+    super().__init__(self.module)
+
+  def message(self, command: str) -> str:
+    """One line naming what to install, e.g. ``gsparse: compare needs
+    scikit-learn; install gsparse_jax[cli]``."""
+    package = EXTRA_MODULES.get(self.module, self.module)
+    return (f"gsparse: {command} needs {package}; install {CLI_EXTRA} "
+            f"(pip install '{CLI_EXTRA}')")
+
+
+def installed(module: str) -> bool:
+  """Whether ``module`` (e.g. ``"orbax.checkpoint"``) can be imported;
+  imports at most its parent packages."""
+  try:
+    return importlib.util.find_spec(module) is not None
+  except (ImportError, ValueError):  # a missing parent; a spec-less module
+    return False
+
+
+def require(modules: Sequence[str]) -> None:
+  """Raises `MissingModule` for the first of ``modules`` not installed."""
+  for module in modules:
+    if not installed(module):
+      raise MissingModule(module)
 
 
 class OneLineParser(argparse.ArgumentParser):

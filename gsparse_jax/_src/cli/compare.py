@@ -96,6 +96,17 @@ def configure(parser) -> None:
                       help="simulate the workers with jax.vmap on one device")
 
 
+def requires(args) -> tuple[str, ...]:
+  """Flax for the models, matplotlib for the plots, rich for the table and
+  progress; scikit-learn for the digits, Orbax for checkpoints."""
+  modules = ["flax", "matplotlib", "rich"]
+  if args.task.startswith("digits"):
+    modules.append("sklearn")
+  if args.checkpoint_dir is not None:
+    modules.append("orbax.checkpoint")
+  return tuple(modules)
+
+
 def run(args) -> int:
   specs = _check_options(args)
   names = [spec.text for spec in specs]

@@ -1,4 +1,8 @@
-"""`gsparse info`: versions, devices and every compressor with its options."""
+"""`gsparse info`: versions, devices and every compressor with its options.
+
+Needs only the core dependencies (plain text, no rich), so it runs on a bare
+``pip install gsparse_jax`` and shows which optional packages are there.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +10,22 @@ import importlib.metadata
 import inspect
 import platform
 
-from gsparse_jax._src.cli import common
-
 NAME = "info"
 HELP = ("print the versions of jax, jaxlib, optax and flax, the devices, and "
         "every compressor with its parameters and defaults")
 
-PACKAGES = ("gsparse_jax", "jax", "jaxlib", "optax", "flax",
-            "orbax-checkpoint", "numpy")
+PACKAGES = ("gsparse_jax", "jax", "jaxlib", "optax", "chex", "numpy",
+            # optional: the `cli` extra
+            "flax", "orbax-checkpoint", "scikit-learn", "matplotlib", "rich")
 
 
 def configure(parser) -> None:
   del parser  # no options
+
+
+def requires(args) -> tuple[str, ...]:
+  del args
+  return ()  # the core dependencies only
 
 
 def version(package: str) -> str:
@@ -38,26 +46,33 @@ def parameters(factory) -> str:
   return ", ".join(shown)
 
 
+def table(headers: tuple, rows: list) -> str:
+  """``rows`` as left-aligned columns under ``headers`` and a rule."""
+  widths = [max(len(str(cell)) for cell in column)
+            for column in zip(headers, *rows)]
+  lines = [headers, tuple("-" * width for width in widths), *rows]
+  return "\n".join("  ".join(f"{cell!s:<{width}}" for cell, width
+                             in zip(line, widths)).rstrip()
+                   for line in lines)
+
+
 def run(args) -> int:
   del args
   import jax  # pylint: disable=g-import-not-at-top
-  from rich.table import Table  # pylint: disable=g-import-not-at-top
 
   import gsparse_jax as gs  # pylint: disable=g-import-not-at-top
 
-  console = common.console()
-  console.print(f"Python {platform.python_version()} on {platform.platform()}")
+  print(f"Python {platform.python_version()} on {platform.platform()}")
   for package in PACKAGES:
-    console.print(f"{package:<18}{version(package)}")
+    print(f"{package:<18}{version(package)}")
   devices = jax.devices()
   kinds = sorted({d.device_kind for d in devices})
-  console.print(f"devices: {len(devices)} x {', '.join(kinds)} "
-                f"(backend {jax.default_backend()})")
-  table = Table(title="compressors (gsparse compare --compressors NAME)")
-  for header in ("name", "factory", "parameters (defaults)", "what"):
-    table.add_column(header)
-  for entry in gs.COMPRESSORS.values():
-    table.add_row(entry.name, f"gs.{entry.factory.__name__}",
-                  parameters(entry.factory), entry.summary)
-  console.print(table)
+  print(f"devices: {len(devices)} x {', '.join(kinds)} "
+        f"(backend {jax.default_backend()})")
+  print()
+  print("compressors (gsparse compare --compressors NAME)")
+  print(table(("name", "factory", "parameters (defaults)", "what"),
+              [(entry.name, f"gs.{entry.factory.__name__}",
+                parameters(entry.factory), entry.summary)
+               for entry in gs.COMPRESSORS.values()]))
   return 0
