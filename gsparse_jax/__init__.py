@@ -8,6 +8,7 @@ from gsparse_jax._src.aggregate import aggregate
 from gsparse_jax._src.approximate import approx_top_k
 from gsparse_jax._src.arc_top_k import arc_top_k
 from gsparse_jax._src.cast import cast
+from gsparse_jax._src.cli.tasks import Task
 from gsparse_jax._src.compressors import compress
 from gsparse_jax._src.compressors import Compressor
 from gsparse_jax._src.compressors import Received
@@ -49,6 +50,7 @@ __all__ = (
     "Received",
     "RegTopKState",
     "SelectContext",
+    "Task",
     "SparsifyState",
     "aggregate",
     "approx_top_k",

@@ -49,9 +49,10 @@ def _results(out) -> dict:
 
 
 def _without_wall_time(results: dict) -> dict:
+  drop = lambda run: {k: v for k, v in run.items() if k != "wall_s"}
   return {"config": results["config"],
-          "runs": [{k: v for k, v in run.items() if k != "wall_s"}
-                   for run in results["runs"]]}
+          "runs": [{**drop(run), "per_seed": [drop(r) for r in run[
+              "per_seed"]]} for run in results["runs"]]}
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +133,21 @@ def test_accumulation_equals_the_larger_batch_and_sends_once(compared,
 
 BAD_OPTIONS = [
     (["--compressors", "top_k,nope"], "--compressors"),
+    (["--compressors", "top_k:rnak=4"], "--compressors"),  # unknown key
+    (["--compressors", "power_sgd:rank=-1"], "--compressors"),  # bad value
+    (["--compressors", "power_sgd:rank=two"], "--compressors"),
+    (["--compressors", "rank=4,top_k"], "--compressors"),  # no compressor
+    (["--compressors", "power_sgd:rank=4:warm_start=false"], "--compressors"),
+    (["--compressors", "top_k:k=5,k=6"], "--compressors"),  # key twice
+    (["--compressors", "top_k:k=5"], "--compressors"),  # and --ratio's ratio
+    # Checked on the calibrated factory call (after the sample gradient).
+    (["--compressors", "hard_threshold:capacity_ratio=2"], "--compressors"),
     (["--task", "imagenet"], "--task"),
+    (["--task", "missing.py:task"], "--task"),  # no such file
+    (["--task", "json:no_such_name"], "--task"),
+    (["--task", "os:sep"], "--task"),  # not a Task
+    (["--task", "json:dumps"], "--task"),  # a callable that needs arguments
+    (["--task", "no_such_module_xyz:task"], "--task"),
     (["--ratio", "7"], "--ratio"),
     (["--steps", "0"], "--steps"),
     (["--out", "blocker/results"], "--out"),
@@ -161,6 +176,64 @@ def test_bad_option_is_one_line_exit_2_and_writes_nothing(
   assert len(lines) == 1 and option in lines[0], captured.err
   assert "Traceback" not in captured.err + captured.out
   assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_compressor_specs_parse_into_names_and_typed_options():
+  from gsparse_jax._src.cli import compare  # pylint: disable=g-import-not-at-top
+
+  known = gs.compressor_names()
+  parse = lambda text: [(s.name, s.options, s.text)
+                        for s in compare.parse_compressors(text, known)]
+  assert parse("top_k,power_sgd:rank=4,hard_threshold:capacity_ratio=0.05"
+               ) == [("top_k", {}, "top_k"),
+                     ("power_sgd", {"rank": 4}, "power_sgd:rank=4"),
+                     ("hard_threshold", {"capacity_ratio": 0.05},
+                      "hard_threshold:capacity_ratio=0.05")]
+  # An item with '=' continues the compressor before it.
+  assert parse(" power_sgd:rank=2, warm_start=False ,min_compression_rate=1e1,"
+               "top_k:ratio=none,k=7,method=sort") == [
+                   ("power_sgd", {"rank": 2, "warm_start": False,
+                                  "min_compression_rate": 10.0},
+                    "power_sgd:rank=2,warm_start=false,"
+                    "min_compression_rate=10.0"),
+                   ("top_k", {"ratio": None, "k": 7, "method": "sort"},
+                    "top_k:ratio=none,k=7,method=sort")]
+  values = [compare.parse_value(t) for t in
+            ("4", "-3", "0.5", "1e-3", "true", "FALSE", "None", "bfloat16")]
+  assert values == [4, -3, 0.5, 0.001, True, False, None, "bfloat16"]
+  assert [type(v) for v in values[:4]] == [int, int, float, float]
+  for bad in ("nope", "k=3", "top_k:k", "top_k:=3", "top_k:k=", "top_k,top_k",
+              "top_k:k=1,k=2", "top_k:k=1:method=sort", ""):
+    with pytest.raises(ValueError):
+      compare.parse_compressors(bad, known)
+
+
+def test_options_reach_the_factory_with_recommended_feedback(tmp_path):
+  """top_k:ratio=none,k=100 sends 100 (float32, int32) pairs; each
+  compressor gets its registry row's feedback unless --feedback is given."""
+  spec = "top_k:ratio=none,k=100"
+  assert gsparse("compare", "--compressors", f"arc_top_k,{spec},dense",
+                 "--steps", 4, "--out", tmp_path / "a", *TINY) == 0
+  arc, top_k, dense = _results(tmp_path / "a")["runs"]
+  assert top_k["compressor"] == spec
+  assert top_k["bytes_per_step_per_worker"] == 100 * 8
+  assert [run["feedback"] for run in (arc, top_k, dense)] == [
+      "ef21m", "ef", "none"]
+  assert gsparse("compare", "--compressors", f"{spec},dense", "--steps", 2,
+                 "--feedback", "ef21", "--out", tmp_path / "b", *TINY) == 0
+  assert [run["feedback"] for run in _results(tmp_path / "b")["runs"]] == [
+      "ef21", "ef21"]
+
+
+def test_registry_recommends_a_valid_feedback_per_compressor():
+  expected = {"dense": "none", "arc_top_k": "ef21m"}
+  for name, entry in gs.COMPRESSORS.items():
+    assert entry.feedback == expected.get(name, "ef"), name
+    gs.sparsify(gs.dense(), feedback=entry.feedback)  # a rule sparsify knows
+    if name != "hard_threshold":  # arguments() needs its sample
+      # from_ratio is the factory at arguments().
+      assert entry.factory(**entry.arguments(0.05, None)) == (
+          entry.from_ratio(0.05, None)), name
 
 
 def _record_steps(monkeypatch) -> list:
@@ -229,7 +302,7 @@ def test_resume_after_the_process_is_killed(tmp_path):
       text=True)
   try:
     deadline = time.monotonic() + 300  # a guard against a hung child only
-    while not _finished_checkpoints(checkpoints / "reg_top_k"):
+    while not _finished_checkpoints(checkpoints / "reg_top_k" / "seed-0"):
       assert process.poll() is None, process.stderr.read()[-3000:]
       assert time.monotonic() < deadline, "no checkpoint was written"
       time.sleep(0.05)
@@ -237,13 +310,118 @@ def test_resume_after_the_process_is_killed(tmp_path):
     process.send_signal(signal.SIGKILL)
     process.communicate()
   assert process.returncode == -signal.SIGKILL
-  steps = max(_finished_checkpoints(checkpoints / "reg_top_k")) + 10
+  steps = max(_finished_checkpoints(checkpoints / "reg_top_k" / "seed-0")
+              ) + 10
   assert gsparse("compare", *options, "--steps", steps, "--checkpoint-dir",
                  checkpoints, "--resume", "--out", tmp_path / "resumed") == 0
   assert gsparse("compare", *options, "--steps", steps, "--out",
                  tmp_path / "straight") == 0
   assert (_without_wall_time(_results(tmp_path / "resumed"))
           == _without_wall_time(_results(tmp_path / "straight")))
+
+
+def test_seeds_report_mean_and_std_of_their_runs(tmp_path, capsys):
+  """--seeds 3 --seed 5: seeds 5, 6, 7 (other init and batches); the mean
+  and the sample std recomputed from the per-seed figures of the JSON."""
+  assert gsparse("compare", "--compressors", "dense,top_k", "--steps", 8,
+                 "--seeds", 3, "--seed", 5, "--simulate", "--out", tmp_path,
+                 *TINY) == 0
+  table = capsys.readouterr().out
+  results = _results(tmp_path)
+  assert results["config"]["seeds"] == 3
+  for run in results["runs"]:
+    assert run["seeds"] == [5, 6, 7]
+    assert [r["seed"] for r in run["per_seed"]] == [5, 6, 7]
+    for key in ("final_accuracy", "final_loss"):
+      values = np.array([r[key] for r in run["per_seed"]])
+      if key == "final_loss":  # (accuracies over 397 examples may tie)
+        assert len(set(values.tolist())) == 3  # the seeds differ
+      np.testing.assert_allclose(run[key], values.mean(), rtol=1e-12)
+      np.testing.assert_allclose(run[f"{key}_std"], values.std(ddof=1),
+                                 rtol=1e-12)
+      assert f"{run[key]:.4f} +- {run[key + '_std']:.4f}" in table
+    losses = np.array([r["curves"]["loss"] for r in run["per_seed"]])
+    np.testing.assert_allclose(run["curves"]["loss"], losses.mean(0))
+  # One seed: the run's own figures, no spread.
+  (one,) = _results_of("--compressors", "top_k", "--steps", 8, "--seed", 6,
+                       "--simulate", "--out", tmp_path / "one", *TINY)["runs"]
+  assert one["final_accuracy_std"] is None and one["seeds"] == [6]
+  assert one["final_accuracy"] == results["runs"][1]["per_seed"][1][
+      "final_accuracy"]
+
+
+def _results_of(*argv) -> dict:
+  out = argv[list(argv).index("--out") + 1]
+  assert gsparse("compare", *argv) == 0
+  return _results(out)
+
+
+def test_resume_continues_every_seed(tmp_path):
+  options = ["--compressors", "top_k", "--seeds", 2, "--checkpoint-every", 8,
+             "--checkpoint-dir", tmp_path / "checkpoints", *TINY]
+  assert gsparse("compare", *options, "--steps", 8, "--out",
+                 tmp_path / "first") == 0
+  for seed in (0, 1):
+    assert _finished_checkpoints(tmp_path / "checkpoints" / "top_k"
+                                 / f"seed-{seed}") == [8]
+  resumed = _results_of(*options, "--steps", 16, "--resume", "--out",
+                        tmp_path / "resumed")
+  straight = _results_of("--compressors", "top_k", "--seeds", 2, *TINY,
+                         "--steps", 16, "--out", tmp_path / "straight")
+  assert _without_wall_time(resumed)["runs"] == _without_wall_time(
+      straight)["runs"]
+
+
+USER_TASK = """
+import numpy as np, jax, jax.numpy as jnp, optax
+from flax import nnx
+import gsparse_jax as gs
+
+rng = np.random.default_rng(0)
+x = rng.normal(size=(300, 6)).astype(np.float32)
+y = (x[:, 0] > 0).astype(np.int32)
+
+def loss(model, xb, yb):
+  return optax.softmax_cross_entropy_with_integer_labels(model(xb), yb).mean()
+
+def make():
+  return gs.Task(
+      name="mine", summary="logistic regression on my arrays",
+      metric="accuracy",
+      make_model=lambda seed: nnx.Linear(6, 2, rngs=nnx.Rngs(seed)),
+      loss=loss,
+      evaluate=lambda m: (loss(m, x, y), jnp.mean(m(x).argmax(-1) == y)),
+      sample=lambda r, shape: (lambda i: (x[i], y[i]))(
+          r.integers(0, 300, shape)))
+"""
+
+
+def test_user_task_from_a_file_and_a_module(tmp_path, monkeypatch):
+  (tmp_path / "user_task.py").write_text(USER_TASK)
+  monkeypatch.chdir(tmp_path)
+  for spec in ("user_task.py:make", "user_task:make"):  # file, then module
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / spec.replace(":", "_")
+    results = _results_of("--task", spec, "--compressors", "dense,top_k",
+                          "--steps", 4, "--out", out, *TINY)
+    assert results["config"]["task"] == spec
+    assert results["config"]["num_params"] == 6 * 2 + 2
+    dense, top_k = results["runs"]
+    assert dense["bytes_per_step_per_worker"] == 14 * 4
+    assert top_k["bytes_per_step_per_worker"] == 1 * 8  # max(1, 0.14)
+
+
+def test_the_readme_task_file_runs_as_written(tmp_path, monkeypatch):
+  readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md")
+  (code,) = [b for b in readme.read_text().split("```py\n")[1:]
+             if "gs.Task(" in b]
+  (tmp_path / "my_task.py").write_text(code.split("```")[0])
+  monkeypatch.chdir(tmp_path)
+  results = _results_of("--task", "my_task.py:task", "--compressors",
+                        "dense,cast", "--steps", 4, "--out", tmp_path / "out",
+                        *TINY)
+  assert results["config"]["num_params"] == 20 * 64 + 64 + 64 * 2 + 2
+  assert [r["feedback"] for r in results["runs"]] == ["none", "ef"]
 
 
 def test_info_lists_versions_devices_and_every_compressor(capsys):

@@ -42,6 +42,12 @@ class CompressorEntry(NamedTuple):
     from_ratio: ``(ratio, sample) -> Compressor``: the compressor at a
       target density with every other argument at its default.
     summary: one line for `gsparse info`.
+    feedback: the error-feedback rule it is recommended with (`sparsify`'s
+      ``feedback``): ``"none"`` for dense, ``"ef21m"`` for ARC-Top-K
+      (contractive, designed for EF21-SGDM), ``"ef"`` for the rest.
+    arguments: ``(ratio, sample) -> dict``: the keyword arguments of
+      ``factory`` that ``from_ratio`` uses, so that a caller can override
+      some (``factory(**{**arguments(ratio, sample), **options})``).
     needs_sample: True when ``from_ratio`` calibrates on a sample gradient
       (``sample`` must not be None); tools without one skip the compressor.
   """
@@ -50,14 +56,29 @@ class CompressorEntry(NamedTuple):
   factory: Callable[..., compressors.Compressor]
   from_ratio: Callable[[float, Any], compressors.Compressor]
   summary: str
+  feedback: str = "ef"
+  arguments: Callable[[float, Any], dict] = lambda ratio, sample: {}
   needs_sample: bool = False
+
+
+def _hard_threshold_arguments(ratio: float, sample: Any) -> dict:
+  if sample is None:
+    raise ValueError("hard_threshold calibrates its threshold on a sample "
+                     "gradient: pass `sample`.")
+  return {"threshold": threshold_compressors.calibrate_threshold(sample,
+                                                                 ratio),
+          "capacity_ratio": min(1.0, 2.0 * ratio)}
 
 
 def _hard_threshold_from_ratio(ratio: float, sample: Any
                                ) -> compressors.Compressor:
-  threshold = threshold_compressors.calibrate_threshold(sample, ratio)
   return threshold_compressors.hard_threshold(
-      threshold, capacity_ratio=min(1.0, 2.0 * ratio))
+      **_hard_threshold_arguments(ratio, sample))
+
+
+def _ratio_argument(ratio: float, sample: Any) -> dict:
+  del sample
+  return {"ratio": ratio}
 
 
 def _at_ratio(factory):
@@ -73,33 +94,43 @@ def _at_defaults(factory):
 _ENTRIES = (
     CompressorEntry("dense", compressors.dense,
                     _at_defaults(compressors.dense),
-                    "no compression: dense all-reduce (the baseline)"),
+                    "no compression: dense all-reduce (the baseline)",
+                    feedback="none"),
     CompressorEntry("top_k", compressors.top_k,
                     _at_ratio(compressors.top_k),
-                    "exact Top-k by magnitude"),
+                    "exact Top-k by magnitude",
+                    arguments=_ratio_argument),
     CompressorEntry("rand_k", compressors.rand_k,
                     _at_ratio(compressors.rand_k),
-                    "k random entries, the same on every worker (no indices)"),
+                    "k random entries, the same on every worker (no indices)",
+                    arguments=_ratio_argument),
     CompressorEntry("hard_threshold", threshold_compressors.hard_threshold,
                     _hard_threshold_from_ratio,
                     "every |a| >= lambda (calibrated to the ratio on a sample)",
+                    arguments=_hard_threshold_arguments,
                     needs_sample=True),
     CompressorEntry("gaussian_k", threshold_compressors.gaussian_k,
                     _at_ratio(threshold_compressors.gaussian_k),
-                    "threshold from a Gaussian fit (approximate Top-k)"),
+                    "threshold from a Gaussian fit (approximate Top-k)",
+                    arguments=_ratio_argument),
     CompressorEntry("approx_top_k", approximate.approx_top_k,
                     _at_ratio(approximate.approx_top_k),
-                    "lax.approx_max_k (fast on TPU, exact elsewhere)"),
+                    "lax.approx_max_k (fast on TPU, exact elsewhere)",
+                    arguments=_ratio_argument),
     CompressorEntry("reg_top_k", reg_top_k.reg_top_k,
                     _at_ratio(reg_top_k.reg_top_k),
-                    "RegTop-k: Top-k demoting entries the workers cancel"),
+                    "RegTop-k: Top-k demoting entries the workers cancel",
+                    arguments=_ratio_argument),
     CompressorEntry("arc_top_k", arc_top_k.arc_top_k,
                     _at_ratio(arc_top_k.arc_top_k),
-                    "ARC-Top-K: shared rows from a sketch, one all-reduce"),
+                    "ARC-Top-K: shared rows from a sketch, one all-reduce",
+                    feedback="ef21m", arguments=_ratio_argument),
     CompressorEntry("top_k_bf16", compressors.top_k,
                     lambda ratio, sample: compressors.top_k(
                         ratio, value_dtype="bfloat16"),
-                    "exact Top-k, values sent in bfloat16 (6 B per entry)"),
+                    "exact Top-k, values sent in bfloat16 (6 B per entry)",
+                    arguments=lambda ratio, sample: {
+                        "ratio": ratio, "value_dtype": "bfloat16"}),
     CompressorEntry("power_sgd", power_sgd.power_sgd,
                     _at_defaults(power_sgd.power_sgd),
                     "PowerSGD rank 1 per matrix (granularity='layer'); "

@@ -11,8 +11,10 @@ results.json and PNG plots into --out.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
+from typing import NamedTuple
 
 from gsparse_jax._src.cli import common
 
@@ -20,7 +22,8 @@ NAME = "compare"
 HELP = ("train one model per compressor on the same data and compare "
         "accuracy, bytes sent and projected step time")
 
-DEFAULT_COMPRESSORS = ("dense", "top_k", "rand_k", "reg_top_k", "arc_top_k")
+DEFAULT_COMPRESSORS = ("dense", "cast", "top_k", "rand_k", "reg_top_k",
+                       "arc_top_k")
 TASK_NAMES = ("digits-mlp", "digits-cnn", "charlm")
 OPTIMIZER_NAMES = ("adam", "adamw", "sgd", "momentum")
 
@@ -28,16 +31,28 @@ OPTIMIZER_NAMES = ("adam", "adamw", "sgd", "momentum")
 def configure(parser) -> None:
   positive_int = common.bounded(int, 1)
   positive = common.bounded(float, 0, low_open=True)
-  parser.add_argument("--task", default="digits-mlp", choices=TASK_NAMES,
-                      help="what to train (default: digits-mlp)")
+  parser.add_argument("--task", default="digits-mlp",
+                      help=f"what to train: {', '.join(TASK_NAMES)}, or "
+                           "your own gs.Task as FILE.py:NAME or "
+                           "package.module:NAME (a Task or a zero-argument "
+                           "callable returning one; default: digits-mlp)")
   parser.add_argument(
       "--compressors", default=",".join(DEFAULT_COMPRESSORS),
-      help="comma-separated compressor names (see `gsparse info`), or "
-           "'all' (default: %(default)s)")
+      help="comma-separated compressors (see `gsparse info`), or 'all'. A "
+           "compressor takes factory options as NAME:KEY=VALUE, more of "
+           "them as further ,KEY=VALUE items (an item with '=' belongs to "
+           "the compressor before it), e.g. 'top_k,power_sgd:rank=4,"
+           "warm_start=false,hard_threshold:capacity_ratio=0.05'; VALUEs "
+           "are read as int, float, true/false, none or text; options "
+           "override the ones --ratio sets; the run is named by its whole "
+           "spec (default: %(default)s)")
   common.add_ratio_option(parser)
-  parser.add_argument("--feedback", default="ef",
-                      help="error feedback: none, ef, ef21, ef21m "
-                           "(default: ef)")
+  parser.add_argument("--feedback", default=None,
+                      help="error feedback of every run: none, ef, ef21, "
+                           "ef21m (default: each compressor's recommended "
+                           "rule, gs.COMPRESSORS[name].feedback: none for "
+                           "dense, "
+                           "ef21m for arc_top_k, ef for the rest)")
   parser.add_argument("--granularity", default="global",
                       help="global or layer (default: global)")
   parser.add_argument("--steps", type=positive_int, default=300,
@@ -53,6 +68,11 @@ def configure(parser) -> None:
                       help="data-parallel workers (default: 8)")
   parser.add_argument("--seed", type=int, default=0,
                       help="initialization and batches (default: 0)")
+  parser.add_argument("--seeds", type=positive_int, default=1, metavar="N",
+                      help="train each compressor N times, with seeds "
+                           "--seed, --seed+1, ... (other initializations "
+                           "and batches); the table shows mean +- std "
+                           "(default: 1)")
   parser.add_argument("--accumulate", type=positive_int, default=1,
                       metavar="N", help="micro-batches per optimizer step, "
                       "compressed and sent once (gs.multi_steps; default: 1)")
@@ -88,26 +108,42 @@ def requires(args) -> tuple[str, ...]:
 
 
 def run(args) -> int:
-  names = _check_options(args)
+  specs = _check_options(args)
+  names = [spec.text for spec in specs]
+  seeds = [args.seed + i for i in range(args.seeds)]
   devices = _workers_devices(args.workers, args.simulate)
   settings = _settings(args)
-  _check_checkpoints(args, names, settings)
+  # Each compressor with its recommended feedback unless --feedback is
+  # given; each seed its own initialization and batches.
+  run_settings = {
+      (spec.text, seed): dataclasses.replace(
+          settings, seed=seed,
+          feedback=args.feedback or _registry_entry(spec).feedback)
+      for spec in specs for seed in seeds}
+  _check_checkpoints(args, run_settings)
 
   # Everything is valid: only now is anything computed or written.
   from gsparse_jax._src.cli import tasks  # pylint: disable=g-import-not-at-top
 
-  task = tasks.make_task(args.task)
+  try:
+    task = tasks.load_task(args.task)
+  except ValueError as error:
+    raise common.OptionError(f"--task: {error}") from None
+  samples = {seed: _sample_gradient(task, seed) for seed in seeds}
+  # Options reach the factories here; a bad value is still an option error.
+  compressors = {(spec.text, seed): build_compressor(spec, args.ratio,
+                                                     samples[seed])
+                 for spec in specs for seed in seeds}
   os.makedirs(args.out, exist_ok=True)
-  sample = _sample_gradient(task, args.seed)
   runs = []
   with _progress() as progress:
     for name in names:
-      runs.append(_run_one(name, task, settings, args, devices, sample,
-                           progress))
-  config = _config(args, names, settings, runs[0]["num_params"], task)
-  results = {"config": config,
-             "runs": [{k: v for k, v in r.items() if k != "num_params"}
-                      for r in runs]}
+      per_seed = [_run_one(name, seed, compressors[name, seed], task,
+                           run_settings[name, seed], args, devices, progress)
+                  for seed in seeds]
+      runs.append(combine_seeds(per_seed))
+  config = _config(args, names, settings, per_seed[0]["num_params"], task)
+  results = {"config": config, "runs": runs}
   path = os.path.join(args.out, "results.json")
   with open(path, "w") as f:
     json.dump(results, f, indent=1)
@@ -115,30 +151,32 @@ def run(args) -> int:
   pngs = figures.write_figures(
       args.out, results["runs"], task.metric,
       f"{task.name}, {args.workers} workers, {args.steps} steps, "
-      f"ratio {args.ratio}")
+      f"ratio {args.ratio}, feedback {args.feedback or 'recommended'}"
+      + (f", mean of {args.seeds} seeds" if args.seeds > 1 else ""))
   _print_table(results, task.metric)
   print(f"wrote {path} and {', '.join(os.path.basename(p) for p in pngs)}")
   return 0
 
 
-def _check_options(args) -> list[str]:
+def _check_options(args) -> list["Spec"]:
   """Every check that needs no JAX computation; returns the compressors."""
   import gsparse_jax as gs  # pylint: disable=g-import-not-at-top
 
   known = gs.compressor_names()
   if args.compressors.strip() == "all":
-    names = list(known)
+    specs = [Spec(name, {}) for name in known]
   else:
-    names = [n.strip() for n in args.compressors.split(",") if n.strip()]
-    unknown = [n for n in names if n not in known]
-    if unknown or not names:
-      raise common.OptionError(
-          f"--compressors: unknown compressor {unknown[0] if unknown else ''!r}"
-          f"; choose from {', '.join(known)} (comma-separated) or all")
-    if len(set(names)) != len(names):
-      raise common.OptionError("--compressors: a compressor is listed twice")
+    try:
+      specs = parse_compressors(args.compressors, known)
+    except ValueError as error:
+      raise common.OptionError(f"--compressors: {error}") from None
+  for spec in specs:
+    try:
+      check_options(spec, gs.COMPRESSORS[spec.name].factory)
+    except ValueError as error:
+      raise common.OptionError(f"--compressors: {error}") from None
   for option, value, build in (
-      ("--feedback", args.feedback,
+      ("--feedback", args.feedback or "ef",
        lambda v: gs.sparsify(gs.dense(), feedback=v)),
       ("--granularity", args.granularity,
        lambda v: gs.sparsify(gs.dense(), granularity=v))):
@@ -152,7 +190,129 @@ def _check_options(args) -> list[str]:
   elif args.resume:
     raise common.OptionError("--resume: needs --checkpoint-dir DIR (where "
                              "the runs were checkpointed)")
-  return names
+  return specs
+
+
+class Spec(NamedTuple):
+  """One compressor of ``--compressors``: its registry name and options."""
+
+  name: str
+  options: dict
+
+  @property
+  def text(self) -> str:
+    """The run's name: the spec as given, ``name[:key=value,...]``."""
+    if not self.options:
+      return self.name
+    return self.name + ":" + ",".join(
+        f"{key}={_format_value(value)}" for key, value in self.options.items())
+
+
+def _format_value(value) -> str:
+  if value is None:
+    return "none"
+  if isinstance(value, bool):
+    return "true" if value else "false"
+  return str(value)
+
+
+def parse_value(text: str):
+  """An option's value: int, then float, then true/false/none, else text."""
+  for kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      pass
+  lowered = text.lower()
+  if lowered in ("true", "false"):
+    return lowered == "true"
+  if lowered == "none":
+    return None
+  return text
+
+
+def parse_compressors(text: str, known) -> list[Spec]:
+  """Parses ``--compressors``: ``spec[,spec...]``.
+
+  Grammar: items separated by ``,``. An item ``NAME`` or ``NAME:KEY=VALUE``
+  starts a compressor; an item ``KEY=VALUE`` (it has ``=`` and no ``:``)
+  adds an option to the compressor before it. So
+  ``power_sgd:rank=4,warm_start=false,top_k`` is two compressors. Names
+  never contain ``=``, which is what tells the two apart. Values are
+  parsed by `parse_value`; they cannot contain ``,`` or ``:``.
+
+  Raises:
+    ValueError: one line naming the problem (unknown name, an option before
+      any compressor, a malformed or repeated option, a repeated spec).
+  """
+  specs: list[Spec] = []
+  for item in (part.strip() for part in text.split(",")):
+    if not item:
+      continue
+    if ":" in item:
+      name, option = (part.strip() for part in item.split(":", 1))
+    elif "=" in item:
+      if not specs:
+        raise ValueError(f"option {item!r} comes before any compressor "
+                         "(write NAME:KEY=VALUE)")
+      name, option = None, item
+    else:
+      name, option = item, ""
+    if name is not None:
+      if name not in known:
+        raise ValueError(f"unknown compressor {name!r}; choose from "
+                         f"{', '.join(known)} (comma-separated) or all")
+      specs.append(Spec(name, {}))
+    if option:
+      spec = specs[-1]
+      key, equals, value = (part.strip() for part in option.partition("="))
+      if not equals or not key or not value or ":" in value:
+        raise ValueError(f"{spec.name}: option {option!r} is not KEY=VALUE "
+                         "(separate options with ',')")
+      if key in spec.options:
+        raise ValueError(f"{spec.name}: option {key!r} is given twice")
+      spec.options[key] = parse_value(value)
+  if not specs:
+    raise ValueError(f"no compressor given; choose from {', '.join(known)} "
+                     "(comma-separated) or all")
+  texts = [spec.text for spec in specs]
+  for t in texts:
+    if texts.count(t) > 1:
+      raise ValueError(f"{t} is listed twice")
+  return specs
+
+
+def check_options(spec: Spec, factory) -> None:
+  """Raises ValueError unless every option of ``spec`` is a keyword
+  parameter of ``factory``."""
+  parameters = [p.name for p in inspect.signature(factory).parameters.values()
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+  for key in spec.options:
+    if key not in parameters:
+      accepted = ", ".join(parameters) if parameters else "no options"
+      raise ValueError(f"{spec.name}: unknown option {key!r} (gs."
+                       f"{factory.__name__} takes {accepted})")
+
+
+def build_compressor(spec: Spec, ratio: float, sample):
+  """The compressor of ``spec``: its factory called with the arguments
+  ``--ratio`` sets, overridden by the spec's options."""
+  import gsparse_jax as gs  # pylint: disable=g-import-not-at-top
+
+  entry = gs.COMPRESSORS[spec.name]
+  if not spec.options:
+    return entry.from_ratio(ratio, sample)
+  arguments = {**entry.arguments(ratio, sample), **spec.options}
+  try:
+    return entry.factory(**arguments)
+  except (ValueError, TypeError) as error:
+    raise common.OptionError(
+        f"--compressors: {spec.text}: {error}".splitlines()[0]) from None
+
+
+def _registry_entry(spec: Spec):
+  import gsparse_jax as gs  # pylint: disable=g-import-not-at-top
+  return gs.COMPRESSORS[spec.name]
 
 
 def _workers_devices(workers: int, simulate: bool):
@@ -181,20 +341,21 @@ def _settings(args):
       eval_every=args.eval_every)
 
 
-def _run_dir(args, name: str) -> str:
-  return os.path.join(args.checkpoint_dir, name)
+def _run_dir(args, name: str, seed: int) -> str:
+  return os.path.join(args.checkpoint_dir, name, f"seed-{seed}")
 
 
-def _check_checkpoints(args, names, settings) -> None:
+def _check_checkpoints(args, run_settings: dict) -> None:
   """A resume continues runs made with the same settings; a fresh start
   does not overwrite checkpoints. Reads only."""
   if args.checkpoint_dir is None:
     return
   from gsparse_jax._src.cli import training  # pylint: disable=g-import-not-at-top
 
-  metas = {name: training.read_checkpoint_meta(_run_dir(args, name))
-           for name in names}
-  found = {name: meta for name, meta in metas.items() if meta is not None}
+  metas = {run: training.read_checkpoint_meta(_run_dir(args, *run))
+           for run in run_settings}
+  found = {f"{name} (seed {seed})": (meta, run_settings[name, seed])
+           for (name, seed), meta in metas.items() if meta is not None}
   if not args.resume:
     if found:
       raise common.OptionError(
@@ -205,8 +366,8 @@ def _check_checkpoints(args, names, settings) -> None:
   if not found:
     raise common.OptionError(f"--resume: no checkpoint of these compressors "
                              f"in {args.checkpoint_dir}")
-  current = dataclasses.asdict(settings)
-  for name, meta in found.items():
+  for name, (meta, one) in found.items():
+    current = dataclasses.asdict(one)
     for key, value in meta["settings"].items():
       if current.get(key) != value:
         option = "--" + key.replace("_", "-")
@@ -242,20 +403,21 @@ def _sample_gradient(task, seed):
   return nnx.grad(task.loss)(model, x, y)
 
 
-def _run_one(name, task, settings, args, devices, sample, progress) -> dict:
+def _run_one(name, seed, compressor, task, settings, args, devices,
+             progress) -> dict:
   import gsparse_jax as gs  # pylint: disable=g-import-not-at-top
   from gsparse_jax._src.cli import training  # pylint: disable=g-import-not-at-top
 
-  compressor = gs.compressor_from_ratio(name, args.ratio, sample)
   run = training.Run(task, compressor, settings, devices)
   checkpoints, start, curves, wall_s = None, 0, None, 0.0
   if args.checkpoint_dir is not None:
     checkpoints = training.Checkpoints(
-        _run_dir(args, name), args.checkpoint_every,
+        _run_dir(args, name, seed), args.checkpoint_every,
         dataclasses.asdict(settings))
     if args.resume and checkpoints.latest_step() is not None:
       run.state, curves, wall_s, start = checkpoints.restore(run.state)
-  bar = progress.add_task(name, total=args.steps, completed=start, loss=0.0,
+  label = name if args.seeds == 1 else f"{name} seed {seed}"
+  bar = progress.add_task(label, total=args.steps, completed=start, loss=0.0,
                           sent=0.0)
   outcome = run.train(
       args.steps, start=start, curves=curves, wall_s=wall_s,
@@ -269,7 +431,8 @@ def _run_one(name, task, settings, args, devices, sample, progress) -> dict:
                                      args.granularity, args.workers, network)
   return {
       "compressor": name,
-      "feedback": args.feedback,
+      "seed": seed,
+      "feedback": settings.feedback,
       "final_loss": outcome.final_loss,
       "final_accuracy": outcome.final_accuracy,
       "bytes_per_step_per_worker": stats["sent_bytes"] / args.steps,
@@ -283,11 +446,58 @@ def _run_one(name, task, settings, args, devices, sample, progress) -> dict:
   }
 
 
+PER_SEED_KEYS = ("seed", "final_loss", "final_accuracy",
+                 "bytes_per_step_per_worker", "compression", "wall_s",
+                 "curves")
+
+
+def combine_seeds(per_seed: list[dict]) -> dict:
+  """One compressor's entry of results.json from its runs, one per seed.
+
+  ``final_loss``, ``final_accuracy``, the bytes, the compression and the
+  curves are means over the seeds; ``*_std`` the sample standard deviation
+  (ddof=1; null for one seed); ``wall_s`` the total; ``per_seed`` keeps
+  each run's own figures.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  first = per_seed[0]
+  mean = lambda values: float(np.mean(values))
+  std = lambda values: (float(np.std(values, ddof=1)) if len(values) > 1
+                        else None)
+  combined = {"compressor": first["compressor"],
+              "feedback": first["feedback"],
+              "seeds": [run["seed"] for run in per_seed]}
+  for key in ("final_loss", "final_accuracy"):
+    values = [run[key] for run in per_seed]
+    combined[key], combined[f"{key}_std"] = mean(values), std(values)
+  for key in ("bytes_per_step_per_worker", "dense_bytes_per_step_per_worker",
+              "compression"):
+    combined[key] = mean([run[key] for run in per_seed])
+  # The wire of a compressor does not depend on the seed.
+  combined.update(cost_layout=first["cost_layout"],
+                  projected_comm_s=first["projected_comm_s"],
+                  wall_s=sum(run["wall_s"] for run in per_seed))
+  curves = {}
+  for key, value in first["curves"].items():
+    if key in ("step", "eval_step"):  # the same steps for every seed
+      curves[key] = value
+    else:
+      curves[key] = np.mean([run["curves"][key] for run in per_seed],
+                            axis=0).tolist()
+  combined["curves"] = curves
+  combined["per_seed"] = [{key: run[key] for key in PER_SEED_KEYS}
+                          for run in per_seed]
+  return combined
+
+
 def _config(args, names, settings, num_params, task) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
 
   config = dataclasses.asdict(settings)
   config.update(
+      feedback=args.feedback or "recommended (per compressor)",
+      seeds=args.seeds,
       task_summary=task.summary, metric=task.metric, compressors=names,
       steps=args.steps, bandwidth_gbit=args.bandwidth_gbit,
       num_params=num_params,
@@ -336,7 +546,9 @@ def _print_table(results: dict, metric: str) -> None:
       f"workers ({config['mapping']}), {config['steps']} steps, batch "
       f"{config['batch_size']}/worker, ratio {config['ratio']}, "
       f"{config['optimizer']} lr {config['lr']}, "
-      f"{config['num_params']:,} parameters"))
+      f"{config['num_params']:,} parameters"
+      + (f", mean +- std over {config['seeds']} seeds"
+         if config["seeds"] > 1 else "")))
   first, second = (("test acc", "final_accuracy"), ("test loss", "final_loss"))
   if metric == "loss":
     first, second = second, first
@@ -344,13 +556,19 @@ def _print_table(results: dict, metric: str) -> None:
     table.add_column(header, no_wrap=True)
   for header in (first[0], second[0], "bytes/step/worker", "vs dense",
                  f"comm/step @{config['bandwidth_gbit']:g} Gbit/s (model)",
-                 "wall s"):
+                 "wall s" if config["seeds"] == 1 else "wall s (all seeds)"):
     table.add_column(header, justify="right")
+
+  def score(run, key):
+    spread = run.get(f"{key}_std")
+    return (f"{run[key]:.4f}" if spread is None
+            else f"{run[key]:.4f} +- {spread:.4f}")
+
   for run in results["runs"]:
     projected = run["projected_comm_s"]
     table.add_row(
-        run["compressor"], run["feedback"], f"{run[first[1]]:.4f}",
-        f"{run[second[1]]:.4f}", f"{run['bytes_per_step_per_worker']:,.0f}",
+        run["compressor"], run["feedback"], score(run, first[1]),
+        score(run, second[1]), f"{run['bytes_per_step_per_worker']:,.0f}",
         f"{run['compression']:.1f}x",
         "n/a" if projected is None else f"{projected * 1e3:.3f} ms",
         f"{run['wall_s']:.1f}")

@@ -208,3 +208,55 @@ TASKS = {
 def make_task(name: str) -> Task:
   """Builds the task ``name`` (one of `TASKS`), loading its data."""
   return TASKS[name]()
+
+
+def load_task(text: str) -> Task:
+  """The task of ``--task``: a built-in name, ``FILE.py:NAME`` or
+  ``package.module:NAME``, where NAME is a `Task` or a zero-argument
+  callable returning one.
+
+  Raises:
+    ValueError: one line naming the problem (unknown task, missing file,
+      module or name, or an object that is not a Task).
+  """
+  import importlib  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  if text in TASKS:
+    return make_task(text)
+  where, colon, name = text.rpartition(":")
+  if not colon or not where or not name:
+    raise ValueError(f"unknown task {text!r}; choose from "
+                     f"{', '.join(TASKS)}, or give FILE.py:NAME or "
+                     "package.module:NAME")
+  if where.endswith(".py"):
+    if not os.path.isfile(where):
+      raise ValueError(f"no file {where}")
+    module_name = "gsparse_user_task_" + os.path.basename(where)[:-3]
+    spec = importlib.util.spec_from_file_location(module_name, where)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses and pickling look it up
+    spec.loader.exec_module(module)
+  else:
+    try:
+      module = importlib.import_module(where)
+    except ImportError as error:
+      raise ValueError(f"cannot import {where}: {error}") from None
+  if not hasattr(module, name):
+    raise ValueError(f"{where} has no {name!r}")
+  task = getattr(module, name)
+  if not isinstance(task, Task) and callable(task):
+    try:
+      task = task()
+    except TypeError as error:  # it wants arguments
+      raise ValueError(f"{where}:{name} is not a gs.Task, and calling it "
+                       f"with no arguments failed: {error}") from None
+  if not isinstance(task, Task):
+    raise ValueError(f"{where}:{name} is not a gs.Task (nor a "
+                     f"zero-argument callable returning one): got "
+                     f"{type(task).__name__}")
+  if task.metric not in ("accuracy", "loss"):
+    raise ValueError(f"{where}:{name}: metric must be 'accuracy' or "
+                     f"'loss', got {task.metric!r}")
+  return task
