@@ -16,6 +16,8 @@ from gsparse_jax._src.compressors import SelectContext
 from gsparse_jax._src.compressors import dense
 from gsparse_jax._src.compressors import rand_k
 from gsparse_jax._src.compressors import top_k
+from gsparse_jax._src.diloco import diloco
+from gsparse_jax._src.diloco import DiLoCoState
 from gsparse_jax._src.distributed import local_grad
 from gsparse_jax._src.distributed import local_value_and_grad
 from gsparse_jax._src.distributed import state_partition_specs
@@ -45,6 +47,7 @@ __version__ = "0.1.0"
 __all__ = (
     "Compressor",
     "CommStats",
+    "DiLoCoState",
     "MultiStepsState",
     "Payload",
     "Received",
@@ -64,6 +67,7 @@ __all__ = (
     "compressor_names",
     "cost_model",
     "dense",
+    "diloco",
     "gaussian_k",
     "hard_threshold",
     "local_grad",
