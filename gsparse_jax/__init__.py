@@ -27,6 +27,7 @@ from gsparse_jax._src.nnx_helpers import nnx_shard
 from gsparse_jax._src.payload import Payload
 from gsparse_jax._src.power_sgd import power_sgd
 from gsparse_jax._src.qsgd import qsgd
+from gsparse_jax._src.quantized_top_k import quantized_top_k
 from gsparse_jax._src.reg_top_k import reg_top_k
 from gsparse_jax._src.registry import compressor_from_ratio
 from gsparse_jax._src.registry import compressor_names
@@ -78,6 +79,7 @@ __all__ = (
     "nnx_shard",
     "power_sgd",
     "qsgd",
+    "quantized_top_k",
     "rand_k",
     "reg_top_k",
     "sign",

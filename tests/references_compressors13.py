@@ -71,6 +71,24 @@ def select_top_k_low_precision(a, step, worker, k,
   return sent
 
 
+def select_quantized_top_k(a, step, worker, compressor):
+  """Top-k (ties to the lower index), the kept values in index order cut
+  into chunks, each value the nearest of ``2**bits`` evenly spaced levels
+  of ``[-m, m]`` (``m`` its chunk's largest magnitude)."""
+  del step, worker
+  k = compressor.budget(a.size)
+  indices = np.sort(np.argsort(-np.abs(a), kind="stable")[:k])
+  top = 2 ** compressor.bits - 1
+  sent = np.zeros_like(a)
+  for start in range(0, k, compressor.chunk):
+    chunk = indices[start:start + compressor.chunk]
+    m = np.abs(a[chunk]).max()
+    unit = a[chunk] / m if m > 0 else np.zeros(len(chunk))
+    level = np.clip(np.round((unit + 1.0) * top / 2.0), 0, top)
+    sent[chunk] = m * (2.0 * level / top - 1.0)
+  return sent
+
+
 def ef_run_dense(grads, select, feedback="ef", dtype=np.float64):
   """Error feedback over workers with a dense ``select(a, step, worker)``.
 
@@ -193,6 +211,9 @@ def compressor_reference(compressor, d):
     k = compressor.budget(d)
     return _per_worker(functools.partial(select_top_k_low_precision,
                                          k=k)), _mean_of
+  if name == "QuantizedTopK":
+    return _per_worker(functools.partial(select_quantized_top_k,
+                                         compressor=compressor)), _mean_of
   if name == "PowerSGD" and compressor.layout == "dense":
     return (lambda a, step, state: (a.copy(), state)), _mean_of
   raise KeyError(f"no NumPy reference for compressor {name}")

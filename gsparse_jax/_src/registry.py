@@ -27,6 +27,7 @@ from gsparse_jax._src import cast
 from gsparse_jax._src import compressors
 from gsparse_jax._src import power_sgd
 from gsparse_jax._src import qsgd
+from gsparse_jax._src import quantized_top_k
 from gsparse_jax._src import reg_top_k
 from gsparse_jax._src import sign
 from gsparse_jax._src import threshold_compressors
@@ -131,6 +132,11 @@ _ENTRIES = (
                     "exact Top-k, values sent in bfloat16 (6 B per entry)",
                     arguments=lambda ratio, sample: {
                         "ratio": ratio, "value_dtype": "bfloat16"}),
+    CompressorEntry("quantized_top_k", quantized_top_k.quantized_top_k,
+                    _at_ratio(quantized_top_k.quantized_top_k),
+                    "exact Top-k, 2-bit values with a scale per 64 "
+                    "(SparseLoCo; ~4.3 B per entry)",
+                    arguments=_ratio_argument),
     CompressorEntry("power_sgd", power_sgd.power_sgd,
                     _at_defaults(power_sgd.power_sgd),
                     "PowerSGD rank 1 per matrix (granularity='layer'); "
