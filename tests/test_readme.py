@@ -29,6 +29,16 @@ def test_readme_example_runs_as_written(tmp_path):
   assert float(_run(code, tmp_path)[-1]) == 32.0
 
 
+def test_readme_diloco_runs_as_written(tmp_path):
+  (code,) = [b for b in _blocks("python") if "gs.diloco" in b]
+  counts, spread = _run(code, tmp_path)[-2:]
+  syncs, sent, dense = (float(w) for w in counts.split())
+  # 100 steps, a sync every 10. Top-1% of 1000: k = 10 int32 indices, one
+  # word of 2-bit codes and one float32 scale: 48 B a sync.
+  assert (syncs, sent, dense) == (10, 10 * 48, 10 * 1000 * 4)
+  assert float(spread) < 1e-5
+
+
 def test_readme_meshes_with_several_axes_run_as_written(tmp_path):
   (code,) = [b for b in _blocks("python") if "inner_axes" in b]
   tensor_parallel, two_level = _run(code, tmp_path)[-2:]
