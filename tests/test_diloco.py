@@ -266,6 +266,15 @@ def test_state_partition_specs():
   assert jax.tree.leaves(specs.outer_state) == [P(), P()]
   assert specs.sync_state.memory == (P(AXIS),)
   assert specs.sync_state.count == P()
+  # Tensor parallel: parameter-shaped parts follow the parameters' specs,
+  # with the worker axis in front where the state is per worker.
+  specs = gs.state_partition_specs(jax.eval_shape(tx.init, _params()), AXIS,
+                                   {"b": P(), "w": P(None, "model")})
+  assert specs.anchor == {"b": P(), "w": P(None, "model")}
+  assert specs.inner_state[0].trace == {"b": P(AXIS),
+                                        "w": P(AXIS, None, "model")}
+  assert specs.outer_state[0].trace == {"b": P(), "w": P(None, "model")}
+  assert specs.sync_state.memory == (P(AXIS), P((AXIS, "model")))
 
 
 def test_orbax_round_trip_resumes_same_trajectory(tmp_path):

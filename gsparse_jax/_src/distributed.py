@@ -93,15 +93,14 @@ def state_partition_specs(opt_state: Any, axis_name: str,
       return _sparsify_specs(node, axis_name, param_specs)
     if _has_per_worker(node):
       # Another state with per-worker fields (e.g. `multi_steps`' gradient
-      # accumulators, param-shaped with a leading worker axis); its other
-      # fields may hold a whole chain.
+      # accumulators, `diloco`'s inner optimizer state: a leading worker
+      # axis on every leaf); its fields may hold a whole chain.
+      specs = lambda tree: jax.tree.map(spec_for, tree, is_leaf=is_node)
+      per_worker = lambda tree: jax.tree.map(
+          lambda spec: P(axis_name, *spec), specs(tree), is_leaf=_is_spec)
       return node._replace(**{
-          field: (_per_worker_param_specs(getattr(node, field), axis_name,
-                                          param_specs)
-                  if field in node.per_worker_fields else
-                  state_partition_specs(getattr(node, field), axis_name,
-                                        param_specs))
-          for field in node._fields})
+          field: (per_worker if field in node.per_worker_fields else specs)(
+              getattr(node, field)) for field in node._fields})
     full = parameter_shaped(node) if param_trees else None
     return P() if full is None else full
 
@@ -112,15 +111,6 @@ def _has_per_worker(node) -> bool:
   """A NamedTuple state declaring ``per_worker_fields``."""
   return isinstance(node, tuple) and hasattr(node, "_fields") and hasattr(
       node, "per_worker_fields")
-
-
-def _per_worker_param_specs(tree, axis_name, param_specs):
-  """Specs of a param-shaped tree with a leading worker axis per leaf."""
-  if param_specs is None:
-    return jax.tree.map(lambda _: P(axis_name), tree)
-  full = _full_param_specs(param_specs, tree)
-  return jax.tree.map(lambda _, spec: P(axis_name, *spec), tree, full,
-                      is_leaf=lambda x: _is_spec(x))
 
 
 def _is_spec(x) -> bool:
