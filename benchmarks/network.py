@@ -27,7 +27,10 @@ thread per process.
 It also times psum and all-gather at several sizes at each (P, rate), fits
 the cost model to them (`gs.cost_model.calibrate`, shared-link topology),
 and predicts every step: one-worker step time + modeled communication.
-Bytes per worker come from `gs.comm_stats` of the real run.
+Bytes per worker come from `gs.comm_stats` of the real run. DiLoCo
+(`gs.diloco`) rows at 1 and 0.1 Gbit/s are projected, not measured: the
+compute-only step + one sync's modeled communication / H
+(`diloco_projection`).
 
 Run (as root, or where ``unshare -rn`` works):
 
@@ -71,6 +74,12 @@ MODEL_WIDTHS = ((256, 1024, 768, 10), (1024, 4096, 4096, 1024, 10))
 RATES = (None, 10.0, 1.0, 0.1)  # Gbit/s; None: unshaped loopback
 RATIO = 0.01
 SLOW_S = 0.05  # the accuracy target covers steps above 50 ms
+# DiLoCo rows (projected, not measured): a sync every H steps of the
+# pseudo-gradient dense or as SparseLoCo's payload, at these rates.
+DILOCO_SYNC_EVERY = (10, 50)
+DILOCO_RATES = (1.0, 0.1)
+DILOCO_PAYLOADS = (("dense", lambda: gs.dense()),
+                   ("top1%+2bit", lambda: gs.quantized_top_k(0.01, bits=2)))
 
 WORKER_ENV = {
     "JAX_PLATFORMS": "cpu",
@@ -341,6 +350,61 @@ def predict(rows: list, networks: dict, ratio: float) -> list:
   return out
 
 
+def diloco_projection(rows: list, networks: dict) -> list:
+  """Projected DiLoCo step times from a run's measurements.
+
+  Not measured: per (processes, params) and rate of `DILOCO_RATES`, the
+  measured compute-only step (forward, backward, SGD) plus the modeled
+  communication of one sync (`gs.cost_model.project_compressor` of the
+  pseudo-gradient, all leaves as one vector, on the network fitted at that
+  rate) divided by H: ``step_s = compute_s + sync_s / H``. The sync's
+  selection and the outer step are left out (once per H steps).
+
+  Returns:
+    Rows ``{processes, params, rate_gbit, method, sync_every, sync_s,
+    step_s, bytes_per_step}``.
+  """
+  out = []
+  measured = {(r["processes"], r["params"], r["rate_gbit"]): r for r in rows}
+  for (processes, params, rate), row in sorted(
+      measured.items(), key=lambda kv: (kv[0][0], kv[0][1], -(kv[0][2] or 0))):
+    if rate not in DILOCO_RATES or (processes, rate) not in networks:
+      continue
+    for name, make in DILOCO_PAYLOADS:
+      cost = cost_model.project_compressor(make(), params, processes,
+                                           networks[(processes, rate)])
+      for h in DILOCO_SYNC_EVERY:
+        out.append({"processes": processes, "params": params,
+                    "rate_gbit": rate, "method": f"diloco H={h} {name}",
+                    "sync_every": h, "sync_s": cost.communication_s,
+                    "step_s": row["compute_s"] + cost.communication_s / h,
+                    "bytes_per_step": cost.bytes_per_worker / h})
+  return out
+
+
+def diloco_table(projected: list) -> list[str]:
+  """The projected DiLoCo rows as Markdown: ms per step per rate."""
+  rates = sorted({r["rate_gbit"] for r in projected}, reverse=True)
+  lines = ["| P | params | method | bytes / step / worker | "
+           + " | ".join(_rate_label(r) for r in rates) + " |",
+           "|---|---|---|---|" + "---|" * len(rates)]
+  keys = list(dict.fromkeys((r["processes"], r["params"], r["method"])
+                            for r in projected))
+  by_key = {(r["processes"], r["params"], r["method"], r["rate_gbit"]): r
+            for r in projected}
+  for processes, params, method in keys:
+    cells = [f"{by_key[(processes, params, method, rate)]['step_s'] * 1e3:.1f}"
+             if (processes, params, method, rate) in by_key else ""
+             for rate in rates]
+    first = next(r for r in projected if (r["processes"], r["params"],
+                                          r["method"]) == (processes, params,
+                                                           method))
+    lines.append(f"| {processes} | {params:,} | {method} | "
+                 f"{first['bytes_per_step']:,.0f} | " + " | ".join(cells)
+                 + " |")
+  return lines
+
+
 def topology_check(samples: list) -> list:
   """One `Network` per link rate, fitted to the 2- and 4-process collectives
   together under each topology, and how well it reproduces them.
@@ -523,6 +587,7 @@ def assemble(groups: Sequence[dict], plan: dict) -> dict:
       "networks": [{"processes": p, "rate_gbit": rate, **net._asdict()}
                    for (p, rate), net in networks.items()],
       "model_errors": model_errors(rows) if networks else None,
+      "diloco_projected": diloco_projection(rows, networks),
       "topology_check": topology_check(samples),
   }
 
@@ -559,6 +624,10 @@ def report(result: dict) -> list[str]:
                      f"{bandwidth:.3g} Gbit/s | "
                      f"{c['median_error_from_1MiB']:.1%} | "
                      f"{c['worst_error_from_1MiB']:.1%} |")
+    if result.get("diloco_projected"):
+      lines += ["", "DiLoCo, projected (not measured): the compute-only step "
+                "+ one sync's modeled communication / H, ms per step:", ""]
+      lines += diloco_table(result["diloco_projected"])
     lines.append("")
     for subset, e in result["model_errors"].items():
       if e["rows"]:

@@ -13,7 +13,9 @@ optimizer and the same data and steps:
 * ``diloco H=.. top1%+ef``: Top-1% of the pseudo-gradient with error
   feedback;
 * ``diloco H=.. top1%+2bit``: the same with the values at 2 bits and a
-  scale per 64 (`gs.quantized_top_k`, SparseLoCo's payload).
+  scale per 64 (`gs.quantized_top_k`, SparseLoCo's payload);
+* ``diloco H=.. top1%+2bit sgd1``: that payload with outer SGD(1.0) and no
+  momentum, as SparseLoCo runs it (its error feedback plays the momentum).
 
 Reported per method: the held-out loss of the model (the anchor for DiLoCo)
 and the bytes each worker sent (`gs.comm_stats`), at every evaluation.
@@ -50,7 +52,7 @@ def method_names(sync_every=(10, 50)) -> list[str]:
   names = ["dp"]
   for h in sync_every:
     names += [f"diloco H={h} dense", f"diloco H={h} top1%+ef",
-              f"diloco H={h} top1%+2bit"]
+              f"diloco H={h} top1%+2bit", f"diloco H={h} top1%+2bit sgd1"]
   return names
 
 
@@ -59,10 +61,13 @@ def make_tx(name: str, lr: float) -> optax.GradientTransformation:
   if name == "dp":
     return optax.chain(gs.sparsify(gs.dense(), feedback="none",
                                    axis_name=AXIS), inner)
-  _, h, payload = name.split()
+  _, h, payload, *outer = name.split()
   compressor = {"dense": gs.dense(), "top1%+ef": gs.top_k(RATIO),
                 "top1%+2bit": gs.quantized_top_k(RATIO, bits=2)}[payload]
-  return gs.diloco(inner, optax.sgd(**OUTER), sync_every=int(h[2:]),
+  # "sgd1": outer SGD(1.0) without momentum, SparseLoCo's choice (its error
+  # feedback takes the momentum's place).
+  outer = optax.sgd(1.0) if outer == ["sgd1"] else optax.sgd(**OUTER)
+  return gs.diloco(inner, outer, sync_every=int(h[2:]),
                    compressor=compressor, axis_name=AXIS)
 
 

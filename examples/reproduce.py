@@ -82,7 +82,8 @@ class Config:
   arc_digits_steps: int = 400
   arc_digits_methods: tuple = ("dense", "top_k+ef21m", "arc_top_k+ef21m")
   # DiLoCo on charlm: the task's transformer at 1 layer of width 32 and 200
-  # steps, so that 7 methods x 3 seeds (7 compilations) fit in ~8 minutes.
+  # steps, so that 9 methods x 3 seeds (9 compilations: most of the time)
+  # fit in about 10 minutes on 2 loaded cores.
   diloco_methods: tuple = tuple(diloco_charlm.method_names((10, 50)))
   diloco_seeds: int = 3
   diloco_steps: int = 200
@@ -697,7 +698,8 @@ def diloco_section(config: Config, out: str, page: str) -> Section:
            "averaged pseudo-gradient) matches data-parallel training with H "
            "times fewer communication rounds; SparseLoCo's Top-1-3% + 2-bit "
            "+ error feedback pseudo-gradients match or beat dense DiLoCo at "
-           ">97x compression.")
+           ">97x compression, the 2-bit values costing nothing over full "
+           "ones.")
   if not config.diloco_methods:
     return Section("diloco", paper, claim, "not reproduced", "not run",
                    "Not run (`examples/diloco_charlm.py`).", [], {})
@@ -718,21 +720,34 @@ def diloco_section(config: Config, out: str, page: str) -> Section:
           for n in results]
   # Criteria: DiLoCo (dense pseudo-gradients) within 2% of data
   # parallelism's final loss at every H; SparseLoCo's payload (Top-1% +
-  # 2-bit values + EF) within 1% of dense DiLoCo's at the same H.
+  # 2-bit values + EF, the better of its two outer optimizers) within 1% of
+  # dense DiLoCo's at the same H, and within 1% of Top-1% with full values
+  # (the 2 bits cost nothing).
   checks, notes = [], []
-  for h in sorted({n.split()[1] for n in results if n != dp}):
-    dense, low_bit = f"diloco {h} dense", f"diloco {h} top1%+2bit"
+  mean = lambda n: loss[n].mean()
+  for h in sorted({n.split()[1] for n in results if n != dp},
+                  key=lambda h: int(h[2:])):
+    dense, full = f"diloco {h} dense", f"diloco {h} top1%+ef"
+    low_bit = [n for n in (f"diloco {h} top1%+2bit",
+                           f"diloco {h} top1%+2bit sgd1") if n in loss]
     if dense in loss and dp in loss:
-      checks.append(loss[dense].mean() <= 1.02 * loss[dp].mean())
-      notes.append(f"{h} dense DiLoCo ends at {loss[dense].mean():.3f} vs "
-                   f"data parallelism's {loss[dp].mean():.3f} with "
-                   f"{sent[dp] / sent[dense]:.0f}x fewer bytes")
-    if low_bit in loss and dense in loss:
-      checks.append(loss[low_bit].mean() <= 1.01 * loss[dense].mean())
-      notes.append(f"Top-1% + 2-bit + EF at {h} ends at "
-                   f"{loss[low_bit].mean():.3f} with "
-                   f"{sent[dense] / sent[low_bit]:.0f}x fewer bytes than "
-                   "dense DiLoCo")
+      checks.append(mean(dense) <= 1.02 * mean(dp))
+      notes.append(f"{h} dense DiLoCo ends at {mean(dense):.3f} vs data "
+                   f"parallelism's {mean(dp):.3f} ({mean(dense) / mean(dp) - 1:+.1%}) "
+                   f"with {sent[dp] / sent[dense]:.0f}x fewer bytes")
+    if low_bit and dense in loss:
+      best = min(low_bit, key=mean)
+      checks.append(mean(best) <= 1.01 * mean(dense))
+      notes.append(f"Top-1% + 2-bit + EF ({best.split(maxsplit=2)[2]}) ends "
+                   f"at {mean(best):.3f} ({mean(best) / mean(dense) - 1:+.1%} "
+                   f"vs dense DiLoCo) with {sent[dense] / sent[best]:.0f}x "
+                   "fewer bytes")
+    if full in loss and f"diloco {h} top1%+2bit" in loss:
+      two_bit = mean(f"diloco {h} top1%+2bit")
+      checks.append(two_bit <= 1.01 * mean(full))
+      notes.append(f"2-bit values vs full float32 values: {two_bit:.3f} vs "
+                   f"{mean(full):.3f} at {sent[full] / sent[f'diloco {h} top1%+2bit']:.2f}x "
+                   "fewer bytes")
   verdict = grade(sum(checks), len(checks)) if checks else "not reproduced"
   reason = "; ".join(notes) or "no comparison run"
   first = next(iter(results.values()))[0]
@@ -748,7 +763,8 @@ a sync every H steps, outer SGD(0.7, Nesterov 0.9), the pseudo-gradient
 sent dense, as Top-1% with error feedback (`gs.top_k(0.01)`: 8 B per
 entry) or as Top-1% with 2-bit values and a float32 scale per 64
 (`gs.quantized_top_k(0.01, bits=2)`: 4.3 B per entry, SparseLoCo's
-payload); {config.diloco_seeds} seeds (initialization and data). DiLoCo is
+payload), the latter also with outer SGD(1.0) without momentum (`sgd1`,
+as SparseLoCo runs it); {config.diloco_seeds} seeds (initialization and data). DiLoCo is
 scored on its anchor (the outer parameters). Bytes are what one worker puts
 on the wire over the run (`gs.comm_stats`). Script:
 `examples/diloco_charlm.py`.
@@ -762,8 +778,9 @@ on the wire over the run (`gs.comm_stats`). Script:
              page)}
 
 **Criterion.** DiLoCo reproduced at an H if dense DiLoCo ends within 2% of
-data parallelism's loss; SparseLoCo's payload if Top-1% + 2-bit + EF ends
-within 1% of dense DiLoCo's at the same H. The papers train for thousands of
+data parallelism's loss; SparseLoCo's if Top-1% + 2-bit + EF (the better of
+its two outer optimizers) ends within 1% of dense DiLoCo's at the same H,
+and its 2 bits if they end within 1% of Top-1% with full values. The papers train for thousands of
 outer steps of much larger models; {config.diloco_steps} steps here give H=50
 only {config.diloco_steps // 50} syncs."""
   return Section(

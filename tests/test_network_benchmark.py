@@ -143,3 +143,32 @@ def test_requests_arriving_in_one_write_are_all_answered():
     leader.wait()
   assert rates == [0.5]
   assert records["ROW"] == [{"n": 1}, {"n": 2}]
+
+
+def test_diloco_projection_amortizes_one_sync_over_h_steps():
+  import gsparse_jax as gs  # pylint: disable=g-import-not-at-top
+  from gsparse_jax._src import cost_model  # pylint: disable=g-import-not-at-top
+  rows = [dict(compressor="dense", processes=4, rate_gbit=rate, params=10**6,
+               compute_s=0.02) for rate in (None, 10.0, 1.0, 0.1)]
+  networks = {(4, rate): cost_model.Network(1e-3, rate * 1e9 / 8, 0.0,
+                                            "shared")
+              for rate in (1.0, 0.1)}
+  projected = network.diloco_projection(rows, networks)
+  assert {r["rate_gbit"] for r in projected} == {1.0, 0.1}
+  assert len(projected) == 2 * 2 * 2  # rates x payloads x H
+  k = 10**4  # Top-1% of 1e6: int32 indices, 2-bit codes, a scale per 64
+  sparse_bytes = 4 * k + 4 * (-(-2 * k // 32) + -(-k // 64))
+  for r in projected:
+    h = r["sync_every"]
+    assert r["step_s"] == pytest.approx(0.02 + r["sync_s"] / h)
+    net = networks[(4, r["rate_gbit"])]
+    if r["method"].endswith("dense"):
+      assert r["bytes_per_step"] * h == 4 * 10**6
+      assert r["sync_s"] == pytest.approx(
+          cost_model.ring_all_reduce_seconds(4 * 10**6, 4, net))
+    else:
+      assert r["bytes_per_step"] * h == sparse_bytes
+      assert r["sync_s"] == pytest.approx(cost_model.project_compressor(
+          gs.quantized_top_k(0.01, bits=2), 10**6, 4, net).communication_s)
+  table = network.diloco_table(projected)
+  assert len(table) == 2 + 4 and "diloco H=50 top1%+2bit" in table[-1]
