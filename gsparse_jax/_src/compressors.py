@@ -373,13 +373,7 @@ def top_k(ratio: Optional[float] = None, *, k: Optional[int] = None,
 
   Reference: Stich, Cordonnier, Jaggi, "Sparsified SGD with Memory", 2018.
   """
-  if (ratio is None) == (k is None):
-    raise ValueError("top_k needs exactly one of `ratio` (in (0, 1]) or `k` "
-                     f"(an integer >= 1); got ratio={ratio!r}, k={k!r}.")
-  if ratio is not None:
-    ratio = validation.ratio(ratio)
-  else:
-    k = validation.positive_int(k, "k")
+  ratio, k = validation.ratio_or_k(ratio, k, "top_k")
   validation.choice(method, "method", selection.METHODS)
   if value_dtype is not None:
     value_dtype = validation.dtype(value_dtype, "value_dtype", VALUE_DTYPES)

@@ -156,14 +156,7 @@ def quantized_top_k(ratio: Optional[float] = None, *, k: Optional[int] = None,
   Reference: Sarfi et al., "Communication Efficient LLM Pre-training with
   SparseLoCo", 2025 (arXiv 2508.15706).
   """
-  if (ratio is None) == (k is None):
-    raise ValueError("quantized_top_k needs exactly one of `ratio` (in (0, "
-                     "1]) or `k` (an integer >= 1); got "
-                     f"ratio={ratio!r}, k={k!r}.")
-  if ratio is not None:
-    ratio = validation.ratio(ratio)
-  else:
-    k = validation.positive_int(k, "k")
+  ratio, k = validation.ratio_or_k(ratio, k, "quantized_top_k")
   validation.choice(method, "method", selection.METHODS)
   return QuantizedTopK(
       ratio=ratio, k=k, bits=validation.int_in_range(bits, "bits", 1,

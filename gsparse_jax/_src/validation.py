@@ -34,6 +34,19 @@ def ratio(value: Any, name: str = "ratio") -> float:
   return float(value)
 
 
+def ratio_or_k(fraction: Any, k: Any, factory: str
+               ) -> tuple[Optional[float], Optional[int]]:
+  """Exactly one of a kept fraction (the argument `ratio`) or a count ``k``
+  (the other None), normalized; ``factory`` names the caller."""
+  if (fraction is None) == (k is None):
+    raise ValueError(f"{factory} needs exactly one of `ratio` (in (0, 1]) or "
+                     f"`k` (an integer >= 1); got ratio={fraction!r}, "
+                     f"k={k!r}.")
+  if fraction is not None:
+    return ratio(fraction), None
+  return None, positive_int(k, "k")
+
+
 def positive_int(value: Any, name: str, minimum: int = 1) -> int:
   """An integer >= ``minimum``."""
   if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
