@@ -738,7 +738,9 @@ def diloco_section(config: Config, out: str, page: str) -> Section:
     if low_bit and dense in loss:
       best = min(low_bit, key=mean)
       checks.append(mean(best) <= 1.01 * mean(dense))
-      notes.append(f"Top-1% + 2-bit + EF ({best.split(maxsplit=2)[2]}) ends "
+      outer = ("outer SGD(1.0)" if best.endswith("sgd1")
+               else "outer Nesterov")
+      notes.append(f"Top-1% + 2-bit + EF ({outer}) ends "
                    f"at {mean(best):.3f} ({mean(best) / mean(dense) - 1:+.1%} "
                    f"vs dense DiLoCo) with {sent[dense] / sent[best]:.0f}x "
                    "fewer bytes")
@@ -750,6 +752,20 @@ def diloco_section(config: Config, out: str, page: str) -> Section:
                    "fewer bytes")
   verdict = grade(sum(checks), len(checks)) if checks else "not reproduced"
   reason = "; ".join(notes) or "no comparison run"
+  equal_bytes = ""
+  if dp in results:  # what data parallelism had reached for those bytes
+    curve = results[dp][0]["curve"]
+    first_bytes = curve["bytes"][1]
+    first_loss = np.mean([r["curve"]["loss"][1] for r in results[dp]])
+    cheaper = [n for n in results if n != dp and sent[n] <= first_bytes]
+    if cheaper:
+      best = min(cheaper, key=lambda n: loss[n].mean())
+      equal_bytes = (
+          f"At equal bytes DiLoCo is ahead: {len(cheaper)} of the "
+          f"{len(results) - 1} DiLoCo runs sent in all no more than data "
+          f"parallelism in its first {curve['step'][1]} steps "
+          f"({first_bytes:,.0f} B, held-out loss {first_loss:.3f} there), "
+          f"the best of them ending at {loss[best].mean():.3f} ({best}).")
   first = next(iter(results.values()))[0]
   body = f"""**Setup.** The `charlm` task of `gsparse compare` (next character
 of Python's standard-library source, context {tasks_context()}), with its
@@ -776,6 +792,8 @@ on the wire over the run (`gs.comm_stats`). Script:
 
 {figure_link("diloco_charlm.png", "held-out loss vs bytes per worker", out,
              page)}
+
+{equal_bytes}
 
 **Criterion.** DiLoCo reproduced at an H if dense DiLoCo ends within 2% of
 data parallelism's loss; SparseLoCo's if Top-1% + 2-bit + EF (the better of
