@@ -6,7 +6,8 @@ paper: the claim in one sentence, the setup run, the measured result as a
 table and a figure, and a verdict (reproduced, partly, not) computed from
 the measured numbers by the criterion stated next to it.
 
-Run (about 15 minutes on 2 cores):
+Run (about 15 minutes on 2 cores, and about 13 more for the DiLoCo section,
+mostly its 9 compilations, measured on 2 loaded cores):
   python -m examples.reproduce --out docs/figures
 writes ``docs/reproductions.md`` (the page, next to the figures' directory
 unless ``--page`` says otherwise), ``docs/figures/*.png`` and
