@@ -4,7 +4,6 @@ Slow (the transformer's compilation takes about a minute on 2 cores); the
 DiLoCo semantics themselves are covered fast by tests/test_diloco.py.
 """
 
-import math
 import os
 import sys
 
@@ -20,6 +19,7 @@ import diloco_charlm  # noqa: E402
 
 
 @pytest.mark.slow
+@pytest.mark.optax_promotion  # adamw raises a float to its int32 count
 def test_tiny_run_counts_one_round_per_sync_and_its_bytes():
   run = diloco_charlm.train("diloco H=2 top1%+2bit", steps=4, eval_every=2,
                             batch=2, dim=16, layers=1)
@@ -29,6 +29,6 @@ def test_tiny_run_counts_one_round_per_sync_and_its_bytes():
   assert run["bytes"] == 2 * sum(c.bytes for c in wire)
   assert run["curve"]["step"] == [0, 2, 4]
   assert run["curve"]["bytes"] == [0.0, run["bytes"] / 2, run["bytes"]]
-  # An untrained model is about uniform over the 97 symbols.
-  assert abs(run["curve"]["loss"][0] - math.log(97)) < 0.5
+  # Two syncs of four AdamW steps move the anchor downhill.
   assert np.all(np.isfinite(run["curve"]["loss"]))
+  assert run["curve"]["loss"][-1] < run["curve"]["loss"][0]
