@@ -29,6 +29,7 @@ densely over the devices of a slice and is divided by their number first.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -252,6 +253,12 @@ def sparsify(compressor: compressors.Compressor, *, feedback: str = "ef",
                     f"{axis_name!r}.")
   memory_dtype = validation.dtype(memory_dtype, "memory_dtype", MEMORY_DTYPES)
   inner_axes = _check_inner_axes(inner_axes, axis_name)
+  if granularity == "global" and compressor.needs_shape:
+    warnings.warn(
+        f"gsparse_jax.sparsify: {compressor!r} compresses a tensor of known "
+        "shape only; with granularity='global' every segment would be sent "
+        "dense (density 1.0). Use granularity='layer'.", UserWarning,
+        stacklevel=2)
   rule = feedback_lib.rule(feedback, momentum)
   workers = workers_lib.Workers(axis_name)
 
