@@ -73,7 +73,7 @@ def state_partition_specs(opt_state: Any, axis_name: str,
   param_trees = []  # (treedef, full spec tree) of each parameter structure
   if param_specs is not None:
     for state in _sparsify_states(opt_state):
-      full = _full_param_specs(param_specs, state.structure)
+      full = full_param_specs(param_specs, state.structure)
       param_trees.append((jax.tree.structure(state.structure), full))
 
   def parameter_shaped(node):
@@ -118,7 +118,7 @@ def _per_worker_param_specs(tree, axis_name, param_specs):
   """Specs of a param-shaped tree with a leading worker axis per leaf."""
   if param_specs is None:
     return jax.tree.map(lambda _: P(axis_name), tree)
-  full = _full_param_specs(param_specs, tree)
+  full = full_param_specs(param_specs, tree)
   return jax.tree.map(lambda _, spec: P(axis_name, *spec), tree, full,
                       is_leaf=lambda x: _is_spec(x))
 
@@ -133,7 +133,7 @@ def _sparsify_states(tree) -> list:
           if isinstance(node, transform.SparsifyState)]
 
 
-def _full_param_specs(param_specs, structure):
+def full_param_specs(param_specs, structure):
   """``param_specs`` broadcast to the parameters' full tree."""
   try:
     full = jax.tree.broadcast(param_specs, structure,
@@ -166,7 +166,7 @@ def _segment_axes(state, axis_name, param_specs) -> list:
   num_segments = len(state.memory)
   if param_specs is None:
     return [()] * num_segments
-  full = _full_param_specs(param_specs, state.structure)
+  full = full_param_specs(param_specs, state.structure)
   keys = []
   for (path, spec) in jax.tree_util.tree_flatten_with_path(
       full, is_leaf=_is_spec)[0]:

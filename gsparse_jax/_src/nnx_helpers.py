@@ -33,13 +33,15 @@ Flax is an optional dependency: it is imported when a helper is called.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from gsparse_jax._src import data_parallel as data_parallel_lib
 from gsparse_jax._src import distributed
 
 
@@ -171,3 +173,80 @@ def nnx_local_value_and_grad(fun: Callable, axis_name: str, *,
                                             has_aux=has_aux)(params)
 
   return grad_fn
+
+
+class NNXDataParallel(NamedTuple):
+  """What `nnx_data_parallel` returns.
+
+  Attributes:
+    init: ``init(model, optimizer)``: lays the NNX objects' state out on the
+      mesh, in place (see `nnx_shard`); call it once, outside `nnx.jit`.
+    step: ``step(model, optimizer, *batch) -> loss`` (``(loss, aux)`` with
+      ``has_aux``): one training step that updates ``model`` and
+      ``optimizer`` in place, for the caller's `nnx.jit`. ``loss`` and
+      ``aux`` are averaged over workers.
+  """
+
+  init: Callable[..., None]
+  step: Callable[..., Any]
+
+
+def nnx_data_parallel(loss_fn: Callable, *, mesh: jax.sharding.Mesh,
+                      axis_name: str = "data", has_aux: bool = False
+                      ) -> NNXDataParallel:
+  """`gsparse_jax.data_parallel` for an ``nnx.Optimizer``, in the NNX style.
+
+  The optimizer is ``nnx.Optimizer(model, tx, wrt=...)`` with ``tx`` a
+  chain containing ``gs.sparsify(..., axis_name=axis_name)``; the model's
+  parameters are replicated. ``step`` splits ``(model, optimizer)``, runs
+  one `jax.shard_map` in which each worker differentiates ``loss_fn`` on its
+  slice of the batch locally (`nnx_local_value_and_grad`) and calls
+  ``optimizer.update``, then writes the new state back into the objects.
+
+  Args:
+    loss_fn: ``loss_fn(model, *batch) -> loss`` (or ``(loss, aux)``).
+    mesh: the device mesh.
+    axis_name: the workers' mesh axis; the batch is split over it.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+
+  Returns:
+    An `NNXDataParallel` with ``init(model, optimizer)`` and
+    ``step(model, optimizer, *batch)``.
+
+  Example::
+
+    dp = gs.nnx_data_parallel(loss_fn, mesh=mesh)
+    dp.init(model, optimizer)
+    train_step = nnx.jit(dp.step)
+    loss = train_step(model, optimizer, images, labels)
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  def init(model, optimizer):
+    _, state, _ = nnx_shard((model, optimizer), mesh, axis_name)
+    nnx.update((model, optimizer), state)
+
+  def local_step(graphdef, state, *batch):
+    model, optimizer = nnx.merge(graphdef, state)
+    value, grads = nnx_local_value_and_grad(
+        loss_fn, axis_name, wrt=optimizer.wrt, has_aux=has_aux)(model, *batch)
+    optimizer.update(model, grads)
+    mean = lambda tree: jax.tree.map(
+        lambda x: jax.lax.pmean(x, axis_name), tree)
+    return nnx.state((model, optimizer)), mean(value)
+
+  def step(model, optimizer, *batch):
+    specs = nnx_partition_specs((model, optimizer), axis_name)
+    graphdef, state = nnx.split((model, optimizer))
+    batch_specs = tuple(jax.tree.map(lambda _: P(axis_name), b)
+                        for b in batch)
+    state, batch = data_parallel_lib.lay_out((state, batch),
+                                             (specs, batch_specs), mesh)
+    state, value = jax.shard_map(
+        functools.partial(local_step, graphdef), mesh=mesh,
+        in_specs=(specs,) + batch_specs, out_specs=(specs, P()))(
+            state, *batch)
+    nnx.update((model, optimizer), state)
+    return value
+
+  return NNXDataParallel(init=init, step=step)
