@@ -240,3 +240,33 @@ def test_optimizer_on_annotated_params_builds():
         nnx.initializers.lecun_normal(), (None, "model")), rngs=nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, _tx(), wrt=nnx.Param)
   assert gs.comm_stats(optimizer.opt_state)["steps"] == 0
+
+
+def _annotated_linear(mesh, annotate=True):
+  init = nnx.initializers.lecun_normal()
+  with jax.set_mesh(mesh):
+    return nnx.Linear(4, 6, rngs=nnx.Rngs(0), kernel_init=(
+        nnx.with_partitioning(init, (None, "model")) if annotate else init))
+
+
+def test_nnx_shard_keeps_tensor_parallel_annotations():
+  mesh = jax.make_mesh((4, 2), (AXIS, "model"))
+  model = _annotated_linear(mesh)
+  _, state, specs = gs.nnx_shard(model, mesh, AXIS)
+  assert specs["kernel"].get_value() == P(None, "model")
+  assert state["kernel"].get_value().sharding.spec == P(None, "model")
+  assert state["bias"].get_value().sharding.spec == P()
+  np.testing.assert_array_equal(state["kernel"].get_value(),
+                                model.kernel.get_value())
+
+
+def test_annotated_params_with_a_sparsify_optimizer_raise_clearly():
+  mesh = jax.make_mesh((4, 2), (AXIS, "model"))
+  model = _annotated_linear(mesh, annotate=False)
+  optimizer = nnx.Optimizer(model, _tx(), wrt=nnx.Param)
+  model.kernel.set_metadata(out_sharding=(None, "model"))
+  with pytest.raises(ValueError, match=r"tensor parallel.*gs.data_parallel"):
+    gs.nnx_shard((model, optimizer), mesh, AXIS)
+  model.kernel.set_metadata(out_sharding=(AXIS, None))
+  with pytest.raises(ValueError, match="workers' axis 'data'"):
+    gs.nnx_partition_specs(model, AXIS)

@@ -153,7 +153,7 @@ def full_param_specs(param_specs, structure):
   return full
 
 
-def _spec_axes(spec: P) -> set[str]:
+def spec_axes(spec: P) -> set[str]:
   names = set()
   for entry in spec:
     names.update((entry,) if isinstance(entry, str) else
@@ -170,15 +170,15 @@ def _segment_axes(state, axis_name, param_specs) -> list:
   keys = []
   for (path, spec) in jax.tree_util.tree_flatten_with_path(
       full, is_leaf=_is_spec)[0]:
-    spec_axes = _spec_axes(spec)
-    if axis_name in spec_axes:
+    names = spec_axes(spec)
+    if axis_name in names:
       raise ValueError(
           f"state_partition_specs: param_specs shards leaf "
           f"{jax.tree_util.keystr(path)} as {spec} over the workers' axis "
           f"{axis_name!r}. Compression runs over {axis_name!r}, so every "
           "worker must hold the whole parameter (its shards over other axes "
           f"at most): replicate it over {axis_name!r}.")
-    keys.append(tuple(sorted(spec_axes)))
+    keys.append(tuple(sorted(names)))
   ids = [i for i, leaf in enumerate(jax.tree.leaves(state.structure))
          if transform.is_compressed_structure_leaf(leaf)]
   per_leaf = transform.group_leaves(ids, keys, "layer")

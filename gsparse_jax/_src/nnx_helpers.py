@@ -74,14 +74,51 @@ def _per_worker_paths(node, axis_name: str) -> set[tuple]:
   return paths
 
 
+def _annotated_specs(node, axis_name: str, per_worker: set[tuple]
+                     ) -> dict[tuple, P]:
+  """The sharding annotations of the variables outside optimizers."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  annotated = {}
+  flat = nnx.to_flat_state(nnx.get_partition_spec(nnx.state(node)))
+  optimizers = [tuple(prefix) for prefix, child in nnx.iter_graph(node)
+                if isinstance(child, nnx.Optimizer)]
+  for path, variable in flat:
+    spec = variable.get_value()
+    path = tuple(path)
+    if (not isinstance(spec, P) or spec == P()
+        or all(entry is None for entry in spec)
+        or any(path[:len(o)] == o for o in optimizers)):
+      continue
+    if axis_name in distributed.spec_axes(spec):
+      raise ValueError(
+          f"nnx_partition_specs: variable {path} is annotated {spec}, sharded "
+          f"over the workers' axis {axis_name!r}; every worker must hold "
+          f"the whole parameter: annotate it over other axes only.")
+    annotated[path] = spec
+  if annotated and per_worker:
+    path, spec = next(iter(annotated.items()))
+    raise ValueError(
+        f"nnx_partition_specs: variable {path} is sharded as {spec} (its "
+        "sharding annotation, tensor parallel), and the optimizer's "
+        "compressed state would then have to be built per shard inside "
+        "shard_map, which the NNX helpers do not do yet. Use "
+        "gs.data_parallel(loss_fn, tx, mesh=..., param_specs=...) on the "
+        "model's pure state (nnx.split), or replicate the parameters.")
+  return annotated
+
+
 def nnx_partition_specs(node: Any, axis_name: str) -> Any:
   """PartitionSpecs of ``nnx.state(node)`` for data parallelism.
 
   The per-worker leaves of the optimizer state of every `nnx.Optimizer` in
   ``node`` (as `gsparse_jax.state_partition_specs` and `multi_steps` define
   them: error memory, compressor state, statistics, accumulators) get
-  ``P(axis_name)``; every other leaf (parameters, the rest of the optimizer
-  state, other variables) gets ``P()``.
+  ``P(axis_name)``; a variable with a sharding annotation (e.g. from
+  ``nnx.with_partitioning``) keeps its ``PartitionSpec`` (tensor
+  parallelism over other mesh axes); every other leaf (replicated
+  parameters, the rest of the optimizer state, other variables) gets
+  ``P()``.
 
   Args:
     node: NNX objects, e.g. ``(model, optimizer)``.
@@ -91,15 +128,27 @@ def nnx_partition_specs(node: Any, axis_name: str) -> Any:
     An `nnx.State` with the structure of ``nnx.state(node)`` holding a
     `PartitionSpec` per leaf, for the ``in_specs``/``out_specs`` of
     `jax.shard_map`.
+
+  Raises:
+    ValueError: when an annotation shards over ``axis_name``, or annotated
+      (tensor-parallel) parameters come with an optimizer holding a
+      `sparsify` state (not supported by the NNX helpers yet; see
+      `gsparse_jax.data_parallel` with ``param_specs``).
   """
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
   per_worker = _per_worker_paths(node, axis_name)
+  annotated = _annotated_specs(node, axis_name, per_worker)
   flat = nnx.to_flat_state(nnx.state(node))
-  return nnx.from_flat_state([
-      (path, variable.replace(P(axis_name) if tuple(path) in per_worker
-                              else P()))
-      for path, variable in flat])
+
+  def spec(path):
+    path = tuple(path)
+    if path in per_worker:
+      return P(axis_name)
+    return annotated.get(path, P())
+
+  return nnx.from_flat_state([(path, variable.replace(spec(path)))
+                              for path, variable in flat])
 
 
 def nnx_shard(node: Any, mesh: jax.sharding.Mesh, axis_name: str
@@ -109,7 +158,8 @@ def nnx_shard(node: Any, mesh: jax.sharding.Mesh, axis_name: str
   Per-worker leaves (see `nnx_partition_specs`) are laid out with a leading
   axis of one slice per worker and sharded over ``axis_name``; a leaf that
   still has the single slice ``tx.init`` gives (every worker starts from the
-  same state) is copied to each worker. Other leaves are replicated.
+  same state) is copied to each worker. Annotated variables are sharded as
+  annotated (tensor parallel); other leaves are replicated.
 
   Args:
     node: NNX objects, e.g. ``(model, optimizer)``.
@@ -129,7 +179,7 @@ def nnx_shard(node: Any, mesh: jax.sharding.Mesh, axis_name: str
 
   def place(leaf, spec):
     sharding = NamedSharding(mesh, spec)
-    if spec == P() or leaf.shape[0] == workers:
+    if spec != P(axis_name) or leaf.shape[0] == workers:
       return jax.device_put(leaf, sharding)
     if leaf.shape[0] != 1:
       raise ValueError(
