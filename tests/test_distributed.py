@@ -208,3 +208,23 @@ def test_state_partition_specs_structure():
   assert jax.tree.leaves(sparsify_specs.memory) == [P(AXIS)]
   assert all(s == P(AXIS) for s in sparsify_specs.stats)
   assert all(s == P() for s in jax.tree.leaves(specs[1]))
+
+
+@pytest.mark.parametrize("wrap, message", [
+    (lambda tx: optax.MultiSteps(tx, 2), r"optax.MultiSteps.*gs.multi_steps"),
+    (lambda tx: optax.apply_if_finite(tx, 3),
+     r"optax.apply_if_finite.*nonfinite='skip'"),
+])
+def test_optax_wrappers_around_sparsify_are_refused_with_the_alternative(
+    wrap, message):
+  tx = wrap(optax.chain(gs.sparsify(gs.top_k(0.5), axis_name=AXIS),
+                        optax.sgd(LR)))
+  state = jax.eval_shape(tx.init, _init_params())
+  with pytest.raises(ValueError, match=message):
+    gs.state_partition_specs(state, AXIS)
+  # Around the optimizer alone (after sparsify) they are fine.
+  inside = optax.chain(gs.sparsify(gs.top_k(0.5), axis_name=AXIS),
+                       wrap(optax.sgd(LR)))
+  specs = gs.state_partition_specs(
+      jax.eval_shape(inside.init, _init_params()), AXIS)
+  assert specs[0].memory == (P(AXIS),)

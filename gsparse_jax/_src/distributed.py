@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence, Union
 
 import jax
+import optax
 from jax.sharding import PartitionSpec as P
 
 from gsparse_jax._src import axes
@@ -55,7 +56,10 @@ def state_partition_specs(opt_state: Any, axis_name: str,
 
   Raises:
     ValueError: when ``param_specs`` does not fit the parameters or shards
-      a parameter over ``axis_name``.
+      a parameter over ``axis_name``; when a `sparsify` state sits inside
+      ``optax.MultiSteps`` or ``optax.apply_if_finite``, whose per-worker
+      decisions and accumulators cannot run under `shard_map` (use
+      `gsparse_jax.multi_steps`, and sparsify's ``nonfinite="skip"``).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, gsparse_jax as gs
@@ -70,6 +74,7 @@ def state_partition_specs(opt_state: Any, axis_name: str,
     >>> specs[0].memory
     (P(('data', 'model'),),)
   """
+  _check_wrappers(opt_state)
   param_trees = []  # (treedef, full spec tree) of each parameter structure
   if param_specs is not None:
     for state in _sparsify_states(opt_state):
@@ -106,6 +111,40 @@ def state_partition_specs(opt_state: Any, axis_name: str,
     return P() if full is None else full
 
   return jax.tree.map(spec_for, opt_state, is_leaf=is_node)
+
+
+# optax wrappers that cannot hold a `sparsify` state under data parallelism
+# (checked with optax 0.2.8), and what to use instead.
+_UNSUPPORTED_WRAPPERS = {
+    optax.MultiStepsState: (
+        "optax.MultiSteps",
+        "it accumulates each worker's gradient in a replicated state and "
+        "calls the inner update (compression and collectives) on every "
+        "micro-step, keeping its state only on the k-th: k times the "
+        "traffic, 1/k of it in comm_stats. Use gs.multi_steps(tx, "
+        "every_k_steps=k), which communicates once per k micro-steps"),
+    optax.ApplyIfFiniteState: (
+        "optax.apply_if_finite",
+        "it decides per worker (on the local gradient) whether to run the "
+        "inner update, so workers disagree: under shard_map JAX rejects "
+        "the cond, under pmap the workers that run it wait for the others' "
+        "collectives forever, under vmap its counters differ per worker. "
+        "sparsify(..., nonfinite='skip') (the default) already skips a step "
+        "on every worker when any worker's gradient is not finite"),
+}
+
+
+def _check_wrappers(opt_state) -> None:
+  """Refuses optax wrappers that break with a `sparsify` state inside."""
+  wrappers = tuple(_UNSUPPORTED_WRAPPERS)
+  for node in jax.tree.leaves(opt_state,
+                              is_leaf=lambda n: isinstance(n, wrappers)):
+    if isinstance(node, wrappers) and _sparsify_states(tuple(node)):
+      wrapper, why = _UNSUPPORTED_WRAPPERS[type(node)]
+      raise ValueError(
+          f"state_partition_specs: the state holds a gsparse_jax.sparsify "
+          f"state inside {wrapper}, which does not work under data "
+          f"parallelism: {why}.")
 
 
 def _has_per_worker(node) -> bool:
