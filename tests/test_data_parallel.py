@@ -205,9 +205,17 @@ def test_sharded_params_without_param_specs_raise_naming_param_specs():
     dp.init(params)
 
 
-def test_axis_name_must_be_a_mesh_axis(mesh):
-  with pytest.raises(ValueError, match="axis_name='batch'"):
+def test_arguments_are_checked(mesh):
+  with pytest.raises(ValueError, match="`axis_name` must be one of 'data'"):
     gs.data_parallel(_loss, _tx(), mesh=mesh, axis_name="batch")
+  with pytest.raises(ValueError, match="`has_aux` must be True or False"):
+    gs.data_parallel(_loss, _tx(), mesh=mesh, has_aux="yes")
+  with pytest.raises(TypeError, match="`tx` must be an optax"):
+    gs.data_parallel(_loss, optax.sgd, mesh=mesh)
+  with pytest.raises(TypeError, match="`mesh` must be"):
+    gs.data_parallel(_loss, _tx(), mesh=("data",))
+  with pytest.raises(TypeError, match="`loss_fn` must be callable"):
+    gs.data_parallel(None, _tx(), mesh=mesh)
 
 
 # ------------------------------------------------------------------ NNX

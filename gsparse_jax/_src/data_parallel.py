@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gsparse_jax._src import distributed
+from gsparse_jax._src import validation
 
 
 class DataParallel(NamedTuple):
@@ -137,9 +138,17 @@ def data_parallel(loss_fn: Callable, tx: optax.GradientTransformation, *,
     >>> float(value), gs.comm_stats(opt_state)["workers"] == mesh.size
     (1.0, True)
   """
-  if axis_name not in mesh.axis_names:
-    raise ValueError(f"data_parallel: axis_name={axis_name!r} is not an axis "
-                     f"of the mesh, whose axes are {mesh.axis_names}.")
+  if not callable(loss_fn):
+    raise TypeError(f"data_parallel: `loss_fn` must be callable, got "
+                    f"{loss_fn!r}.")
+  if not isinstance(tx, optax.GradientTransformation):
+    raise TypeError("data_parallel: `tx` must be an "
+                    f"optax.GradientTransformation, got {tx!r}.")
+  if not isinstance(mesh, jax.sharding.Mesh):
+    raise TypeError(f"data_parallel: `mesh` must be a jax.sharding.Mesh "
+                    f"(jax.make_mesh), got {mesh!r}.")
+  validation.choice(axis_name, "axis_name", tuple(mesh.axis_names))
+  has_aux = validation.boolean(has_aux, "has_aux")
   given_specs = param_specs
   pspecs = P() if param_specs is None else param_specs
 
