@@ -1,7 +1,6 @@
 """`gs.data_parallel` and `gs.nnx_data_parallel`: the jit-style step."""
 
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 import gsparse_jax as gs
 import references
+import runners
 
 AXIS = "data"
 WORKERS = 8
@@ -97,23 +97,11 @@ def test_matches_numpy_reference_and_hand_written_shard_map(dp_run):
   jax.tree.map(np.testing.assert_array_equal, opt_state, hand_state)
 
 
-def _collectives(hlo_text):
-  """(op, element count) of each all-reduce / all-gather in compiled HLO."""
-  found = []
-  for line in hlo_text.splitlines():
-    match = re.search(r"=\s*\(?([a-z0-9]+)\[([0-9,]*)\][^=]*?\s"
-                      r"(all-reduce|all-gather)(-start)?\(", line)
-    if match:
-      dims = [int(d) for d in match.group(2).split(",") if d]
-      found.append((match.group(3), int(np.prod(dims)) if dims else 1))
-  return found
-
-
 def test_compiled_step_sends_top_k_and_no_dense_gradient(dp_run):
   mesh, dp, step, params, opt_state = dp_run
   batch = jax.device_put(_data(), NamedSharding(mesh, P(AXIS)))
-  found = _collectives(step.lower(params, opt_state, *batch).compile()
-                       .as_text())
+  found = runners.compiled_collectives(
+      step.lower(params, opt_state, *batch).compile().as_text())
   assert ("all-gather", WORKERS * K) in found, found
   assert all(size < K for op, size in found if op == "all-reduce"), found
 
@@ -121,7 +109,7 @@ def test_compiled_step_sends_top_k_and_no_dense_gradient(dp_run):
   # whole gradient (all FEATURES * OUTPUTS + OUTPUTS values).
   dense = gs.data_parallel(_loss, optax.chain(
       gs.sparsify(gs.dense(), axis_name=AXIS), optax.sgd(LR)), mesh=mesh)
-  found = _collectives(jax.jit(dense.step).lower(
+  found = runners.compiled_collectives(jax.jit(dense.step).lower(
       params, dense.init(params), *batch).compile().as_text())
   assert ("all-reduce", FEATURES * OUTPUTS + OUTPUTS) in found, found
 

@@ -1,7 +1,6 @@
 """Training under jax.shard_map: state specs, local gradients, compiled HLO."""
 
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 import gsparse_jax as gs
 import references
+import runners
 
 AXIS = "data"
 WORKERS = 8
@@ -95,18 +95,6 @@ def _is_sharded_over_workers(x):
   return spec[0] == AXIS and all(a is None for a in spec[1:])
 
 
-def _collectives(hlo_text):
-  """(op, element count) of each all-reduce / all-gather in compiled HLO."""
-  found = []
-  for line in hlo_text.splitlines():
-    match = re.search(r"=\s*\(?([a-z0-9]+)\[([0-9,]*)\][^=]*?\s"
-                      r"(all-reduce|all-gather)(-start)?\(", line)
-    if match:
-      dims = [int(d) for d in match.group(2).split(",") if d]
-      found.append((match.group(3), int(np.prod(dims)) if dims else 1))
-  return found
-
-
 def _compiled_text(step, params, opt_state, mesh):
   x, y = _data()
   sharding = NamedSharding(mesh, P(AXIS))
@@ -120,13 +108,13 @@ def test_compiled_step_has_sparse_all_gather_and_no_gradient_all_reduce(mesh):
   d = FEATURES * OUTPUTS + OUTPUTS
   k = round(0.1 * d)
 
-  local = _collectives(_compiled_text(
+  local = runners.compiled_collectives(_compiled_text(
       _make_step(tx, mesh, specs, _local_grad_fn), params, opt_state, mesh))
   assert ("all-gather", WORKERS * k) in local
   assert all(size < k for op, size in local if op == "all-reduce"), local
 
   # The check can fail: plain jax.value_and_grad all-reduces the gradient.
-  plain = _collectives(_compiled_text(
+  plain = runners.compiled_collectives(_compiled_text(
       _make_step(tx, mesh, specs, jax.value_and_grad), params, opt_state,
       mesh))
   assert any(op == "all-reduce" and size >= FEATURES * OUTPUTS

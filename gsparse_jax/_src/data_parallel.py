@@ -60,9 +60,9 @@ def lay_out(tree, specs, mesh):
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
     if _is_explicit(mesh):
       return jax.tree.map(lambda x, s: jax.reshard(x, s), tree, specs)
-    return jax.tree.map(
-        lambda x, s: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, s)),
-        tree, specs)
+    constrain = lambda x, s: jax.lax.with_sharding_constraint(
+        x, NamedSharding(mesh, s))
+    return jax.tree.map(constrain, tree, specs)
 
 
 def _check_replicated(params, axis_name: str) -> None:

@@ -118,10 +118,9 @@ def state_partition_specs(opt_state: Any, axis_name: str,
 _UNSUPPORTED_WRAPPERS = {
     optax.MultiStepsState: (
         "optax.MultiSteps",
-        "it accumulates each worker's gradient in a replicated state and "
-        "calls the inner update (compression and collectives) on every "
-        "micro-step, keeping its state only on the k-th: k times the "
-        "traffic, 1/k of it in comm_stats. Use gs.multi_steps(tx, "
+        "it calls the inner update (compression and collectives) on every "
+        "micro-step and keeps its state only on the k-th: k times the "
+        "traffic, 1/k of it counted in comm_stats. Use gs.multi_steps(tx, "
         "every_k_steps=k), which communicates once per k micro-steps"),
     optax.ApplyIfFiniteState: (
         "optax.apply_if_finite",

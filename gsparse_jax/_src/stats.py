@@ -176,8 +176,9 @@ def comm_stats(opt_state: Any) -> dict[str, Any]:
     workers the sent values were averaged over (recorded by the update:
     the size of the workers' axis; 1 means no communication at all, so
     ``compression`` is then what a data-parallel run would save, not what
-    this one did); and ``per_worker``, the same counters as NumPy arrays of shape
-    ``[workers]``.
+    this one did); and ``per_worker``, the same counters as NumPy arrays
+    with one entry per row of the state (per worker; per device of a
+    nested ``vmap`` over several axes).
 
   Example:
     >>> import jax.numpy as jnp, optax, gsparse_jax as gs
