@@ -50,16 +50,22 @@ def _run(step, params, opt_state, batch, steps=STEPS):
   return params, opt_state, rest
 
 
-@pytest.fixture(scope="module", params=[AxisType.Explicit, AxisType.Auto],
-                ids=["explicit", "auto"])
-def dp_run(request):
-  mesh = jax.make_mesh((WORKERS,), (AXIS,), axis_types=(request.param,))
+@functools.cache
+def _trained(axis_type):
+  """(mesh, dp, jitted step, params, opt_state) after STEPS steps."""
+  mesh = jax.make_mesh((WORKERS,), (AXIS,), axis_types=(axis_type,))
   dp = gs.data_parallel(_loss, _tx(), mesh=mesh, axis_name=AXIS)
   step = jax.jit(dp.step)
   opt_state = dp.init(_params())
   # The batch as a user may pass it: host arrays, not yet split over AXIS.
   params, opt_state, _ = _run(step, _params(), opt_state, _data())
   return mesh, dp, step, params, opt_state
+
+
+@pytest.fixture(params=[AxisType.Explicit, AxisType.Auto],
+                ids=["explicit", "auto"])
+def dp_run(request):
+  return _trained(request.param)
 
 
 def test_matches_numpy_reference_and_hand_written_shard_map(dp_run):
@@ -97,8 +103,8 @@ def test_matches_numpy_reference_and_hand_written_shard_map(dp_run):
   jax.tree.map(np.testing.assert_array_equal, opt_state, hand_state)
 
 
-def test_compiled_step_sends_top_k_and_no_dense_gradient(dp_run):
-  mesh, dp, step, params, opt_state = dp_run
+def test_compiled_step_sends_top_k_and_no_dense_gradient():
+  mesh, _, step, params, opt_state = _trained(AxisType.Explicit)
   batch = jax.device_put(_data(), NamedSharding(mesh, P(AXIS)))
   found = runners.compiled_collectives(
       step.lower(params, opt_state, *batch).compile().as_text())

@@ -5,14 +5,17 @@ memory per worker. To train data-parallel under `jax.shard_map`, the NNX
 objects are split into a graph definition and a state pytree whose
 per-worker leaves are sharded over the workers' axis and whose other leaves
 (parameters, Adam's moments, counters) are replicated; inside the step, the
-gradient must stay local so that `sparsify` compresses it. Three helpers:
+gradient must stay local so that `sparsify` compresses it. Four helpers:
 
 * `nnx_partition_specs`: the `PartitionSpec` of every leaf of
   ``nnx.state(node)``;
 * `nnx_shard`: ``nnx.split`` plus those specs plus the state placed on the
   mesh (each worker gets its own slice of the per-worker leaves);
 * `nnx_local_value_and_grad`: `nnx.value_and_grad` that returns this
-  worker's local gradient (see `gsparse_jax.local_value_and_grad`).
+  worker's local gradient (see `gsparse_jax.local_value_and_grad`);
+* `nnx_data_parallel`: all of it as one step for `nnx.jit`, which updates
+  the model and optimizer in place (the NNX form of
+  `gsparse_jax.data_parallel`).
 
 A step is then (``examples/flax_nnx.py`` is a complete loop)::
 
