@@ -16,9 +16,12 @@ from gsparse_jax._src.compressors import SelectContext
 from gsparse_jax._src.compressors import dense
 from gsparse_jax._src.compressors import rand_k
 from gsparse_jax._src.compressors import top_k
+from gsparse_jax._src.data_parallel import data_parallel
+from gsparse_jax._src.data_parallel import DataParallel
 from gsparse_jax._src.distributed import local_grad
 from gsparse_jax._src.distributed import local_value_and_grad
 from gsparse_jax._src.distributed import state_partition_specs
+from gsparse_jax._src.nnx_helpers import nnx_data_parallel
 from gsparse_jax._src.nnx_helpers import nnx_local_value_and_grad
 from gsparse_jax._src.nnx_helpers import nnx_partition_specs
 from gsparse_jax._src.nnx_helpers import nnx_shard
@@ -45,6 +48,7 @@ __version__ = "0.1.0"
 __all__ = (
     "Compressor",
     "CommStats",
+    "DataParallel",
     "MultiStepsState",
     "Payload",
     "Received",
@@ -63,12 +67,14 @@ __all__ = (
     "compressor_from_ratio",
     "compressor_names",
     "cost_model",
+    "data_parallel",
     "dense",
     "gaussian_k",
     "hard_threshold",
     "local_grad",
     "local_value_and_grad",
     "multi_steps",
+    "nnx_data_parallel",
     "nnx_local_value_and_grad",
     "nnx_partition_specs",
     "nnx_shard",
