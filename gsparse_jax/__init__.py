@@ -16,11 +16,14 @@ from gsparse_jax._src.compressors import SelectContext
 from gsparse_jax._src.compressors import dense
 from gsparse_jax._src.compressors import rand_k
 from gsparse_jax._src.compressors import top_k
+from gsparse_jax._src.data_parallel import data_parallel
+from gsparse_jax._src.data_parallel import DataParallel
 from gsparse_jax._src.diloco import diloco
 from gsparse_jax._src.diloco import DiLoCoState
 from gsparse_jax._src.distributed import local_grad
 from gsparse_jax._src.distributed import local_value_and_grad
 from gsparse_jax._src.distributed import state_partition_specs
+from gsparse_jax._src.nnx_helpers import nnx_data_parallel
 from gsparse_jax._src.nnx_helpers import nnx_local_value_and_grad
 from gsparse_jax._src.nnx_helpers import nnx_partition_specs
 from gsparse_jax._src.nnx_helpers import nnx_shard
@@ -48,6 +51,7 @@ __version__ = "0.1.0"
 __all__ = (
     "Compressor",
     "CommStats",
+    "DataParallel",
     "DiLoCoState",
     "MultiStepsState",
     "Payload",
@@ -67,6 +71,7 @@ __all__ = (
     "compressor_from_ratio",
     "compressor_names",
     "cost_model",
+    "data_parallel",
     "dense",
     "diloco",
     "gaussian_k",
@@ -74,6 +79,7 @@ __all__ = (
     "local_grad",
     "local_value_and_grad",
     "multi_steps",
+    "nnx_data_parallel",
     "nnx_local_value_and_grad",
     "nnx_partition_specs",
     "nnx_shard",

@@ -88,6 +88,18 @@ def collectives(text):
   return reduces, len(re.findall(r"all[_-]gather", text))
 
 
+def compiled_collectives(hlo_text):
+  """(op, element count) of each all-reduce / all-gather in compiled HLO."""
+  found = []
+  for line in hlo_text.splitlines():
+    match = re.search(r"=\s*\(?([a-z0-9]+)\[([0-9,]*)\][^=]*?\s"
+                      r"(all-reduce|all-gather)(-start)?\(", line)
+    if match:
+      dims = [int(d) for d in match.group(2).split(",") if d]
+      found.append((match.group(3), int(np.prod(dims)) if dims else 1))
+  return found
+
+
 def lowered_step_text(compressor, mesh, d=2000, feedback="ef21"):
   """StableHLO of a jitted shard_map training step over 8 workers."""
   tx = optax.chain(gs.sparsify(compressor, feedback=feedback, axis_name=AXIS,

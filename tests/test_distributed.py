@@ -1,7 +1,6 @@
 """Training under jax.shard_map: state specs, local gradients, compiled HLO."""
 
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 import gsparse_jax as gs
 import references
+import runners
 
 AXIS = "data"
 WORKERS = 8
@@ -95,18 +95,6 @@ def _is_sharded_over_workers(x):
   return spec[0] == AXIS and all(a is None for a in spec[1:])
 
 
-def _collectives(hlo_text):
-  """(op, element count) of each all-reduce / all-gather in compiled HLO."""
-  found = []
-  for line in hlo_text.splitlines():
-    match = re.search(r"=\s*\(?([a-z0-9]+)\[([0-9,]*)\][^=]*?\s"
-                      r"(all-reduce|all-gather)(-start)?\(", line)
-    if match:
-      dims = [int(d) for d in match.group(2).split(",") if d]
-      found.append((match.group(3), int(np.prod(dims)) if dims else 1))
-  return found
-
-
 def _compiled_text(step, params, opt_state, mesh):
   x, y = _data()
   sharding = NamedSharding(mesh, P(AXIS))
@@ -120,13 +108,13 @@ def test_compiled_step_has_sparse_all_gather_and_no_gradient_all_reduce(mesh):
   d = FEATURES * OUTPUTS + OUTPUTS
   k = round(0.1 * d)
 
-  local = _collectives(_compiled_text(
+  local = runners.compiled_collectives(_compiled_text(
       _make_step(tx, mesh, specs, _local_grad_fn), params, opt_state, mesh))
   assert ("all-gather", WORKERS * k) in local
   assert all(size < k for op, size in local if op == "all-reduce"), local
 
   # The check can fail: plain jax.value_and_grad all-reduces the gradient.
-  plain = _collectives(_compiled_text(
+  plain = runners.compiled_collectives(_compiled_text(
       _make_step(tx, mesh, specs, jax.value_and_grad), params, opt_state,
       mesh))
   assert any(op == "all-reduce" and size >= FEATURES * OUTPUTS
@@ -208,3 +196,23 @@ def test_state_partition_specs_structure():
   assert jax.tree.leaves(sparsify_specs.memory) == [P(AXIS)]
   assert all(s == P(AXIS) for s in sparsify_specs.stats)
   assert all(s == P() for s in jax.tree.leaves(specs[1]))
+
+
+@pytest.mark.parametrize("wrap, message", [
+    (lambda tx: optax.MultiSteps(tx, 2), r"optax.MultiSteps.*gs.multi_steps"),
+    (lambda tx: optax.apply_if_finite(tx, 3),
+     r"optax.apply_if_finite.*nonfinite='skip'"),
+])
+def test_optax_wrappers_around_sparsify_are_refused_with_the_alternative(
+    wrap, message):
+  tx = wrap(optax.chain(gs.sparsify(gs.top_k(0.5), axis_name=AXIS),
+                        optax.sgd(LR)))
+  state = jax.eval_shape(tx.init, _init_params())
+  with pytest.raises(ValueError, match=message):
+    gs.state_partition_specs(state, AXIS)
+  # Around the optimizer alone (after sparsify) they are fine.
+  inside = optax.chain(gs.sparsify(gs.top_k(0.5), axis_name=AXIS),
+                       wrap(optax.sgd(LR)))
+  specs = gs.state_partition_specs(
+      jax.eval_shape(inside.init, _init_params()), AXIS)
+  assert specs[0].memory == (P(AXIS),)

@@ -1,5 +1,7 @@
 """gs.power_sgd: a NumPy power iteration from the same first Q, 8 workers."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -146,3 +148,18 @@ def test_which_tensors_are_compressed():
 def test_bad_arguments_raise(kwargs):
   with pytest.raises(ValueError, match=next(iter(kwargs))):
     gs.power_sgd(**kwargs)
+
+
+def test_global_granularity_warns_that_it_sends_dense():
+  # Under "global" the segment is a flat vector of unknown shape, which
+  # PowerSGD sends dense: the warning says so, and the stats agree.
+  with pytest.warns(UserWarning, match="granularity='layer'"):
+    tx = gs.sparsify(gs.power_sgd(rank=1), granularity="global")
+  grads = {"w": jnp.arange(2048.0).reshape(64, 32)}
+  _, state = tx.update(grads, tx.init(grads))
+  assert gs.comm_stats(state)["density"] == 1.0
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    layer = gs.sparsify(gs.power_sgd(rank=1), granularity="layer")
+  _, state = layer.update(grads, layer.init(grads))
+  assert gs.comm_stats(state)["density"] < 1.0

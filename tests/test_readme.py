@@ -60,3 +60,14 @@ def test_ci_runs_the_readme_test_command():
   assert main_job.strip() == f"{install} && .venv/bin/gsparse compare"
   pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
   assert pyproject["project"]["scripts"]["gsparse"] == "gsparse_jax.cli:main"
+
+
+def test_readme_jit_and_nnx_loops_run_as_written(tmp_path):
+  (jit_loop,) = [b for b in _blocks("python") if "gs.data_parallel(" in b]
+  (nnx_loop,) = [b for b in _blocks("python") if "gs.nnx_data_parallel(" in b]
+  # One interpreter for both (each block is self-contained).
+  lines = _run(jit_loop + "\n" + nnx_loop, tmp_path)
+  # top_k(0.01) of 64 values: k = 1, 256 dense bytes / 8 sent, 8 workers.
+  assert lines[0] == "8 32.0"
+  assert lines[1] == "8 ['accuracy', 'loss']"
+  assert lines[2] == "P('data',)"

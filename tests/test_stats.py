@@ -130,3 +130,39 @@ def test_every_counter_after_a_skipped_step():
   np.testing.assert_array_equal(stats["per_worker"]["skipped_steps"], 1)
   assert stats["density"] == pytest.approx(30 / 300)
   assert stats["compression"] == pytest.approx(800 / 200)
+
+
+def test_workers_recorded_by_the_update_win_over_the_state_rows():
+  # Nested vmap over ("model", "data") gives 2 * 4 rows for 4 workers.
+  stats = jax.vmap(jax.vmap(lambda _: stats_lib.init_stats()))(
+      jnp.zeros((2, 4)))
+  assert gs.comm_stats(stats)["workers"] == 8  # nothing recorded yet
+  recorded = jax.vmap(jax.vmap(lambda s: stats_lib.record_step(
+      s, applied=True, sent_values=1, sent_bytes=8, dense_values=10,
+      dense_bytes=40, overflow_values=0, workers=4)))(stats)
+  assert gs.comm_stats(recorded)["workers"] == 4
+  np.testing.assert_array_equal(recorded.workers, np.full((2, 4, 1), 4))
+  # None keeps what was recorded.
+  again = stats_lib.record_step(
+      jax.tree.map(lambda x: x[0, 0], recorded), applied=False,
+      sent_values=0, sent_bytes=0, dense_values=0, dense_bytes=0,
+      overflow_values=0)
+  assert int(again.workers[0]) == 4 and int(again.skipped_steps[0]) == 1
+
+
+@pytest.mark.optax_promotion  # nnx.Optimizer's step counter is uint32
+def test_comm_stats_finds_the_state_in_every_nnx_form():
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, optax.chain(
+      gs.sparsify(gs.top_k(k=1)), optax.sgd(0.1)), wrt=nnx.Param)
+  grads = nnx.state(model, nnx.Param)
+  optimizer.update(model, jax.tree.map(jnp.ones_like, grads))
+  expected = gs.comm_stats(nnx.as_pure(optimizer.opt_state))
+  assert expected["steps"] == 1 and expected["sent_bytes"] == 8
+  for form in (optimizer.opt_state, nnx.state(optimizer),
+               nnx.state((model, optimizer)),
+               nnx.to_pure_dict(nnx.state(optimizer))):
+    got = gs.comm_stats(form)
+    assert {k: v for k, v in got.items() if k != "per_worker"} == {
+        k: v for k, v in expected.items() if k != "per_worker"}

@@ -117,3 +117,33 @@ def all_gather_replicated(x: jax.Array, axis_name: str) -> jax.Array:
   if is_varying(x, axis_name):
     return jax.lax.all_gather(x, axis_name, to="invarying")
   return jax.lax.all_gather(x, axis_name)
+
+
+def _out_varying(fun, operands) -> list[frozenset[str]]:
+  """Per result leaf of ``fun(*operands)``, the axes it is typed varying
+  over (traced, not run)."""
+  avals = jax.make_jaxpr(fun)(*operands).out_avals
+  return [frozenset(getattr(getattr(a, "manual_axis_type", None), "varying",
+                            ())) for a in avals]
+
+
+def cond(pred: jax.Array, true_fun, false_fun, *operands):
+  """`jax.lax.cond` whose branches may differ in what their results vary
+  over under `shard_map` (one branch all-reduces a value the other passes
+  through): each result is cast to varying over the union of the two.
+  Elsewhere it is `jax.lax.cond` itself.
+  """
+  if not getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()):
+    return jax.lax.cond(pred, true_fun, false_fun, *operands)
+  union = [a | b for a, b in zip(_out_varying(true_fun, operands),
+                                 _out_varying(false_fun, operands))]
+
+  def matched(fun):
+    def run(*args):
+      leaves, treedef = jax.tree.flatten(fun(*args))
+      leaves = [to_varying(leaf, tuple(sorted(axes - varying_axes(leaf))))
+                for leaf, axes in zip(leaves, union)]
+      return jax.tree.unflatten(treedef, leaves)
+    return run
+
+  return jax.lax.cond(pred, matched(true_fun), matched(false_fun), *operands)

@@ -101,6 +101,13 @@ class Compressor(abc.ABC):
     (standard, see `gsparse_jax.aggregate`) or a format of its own."""
     return payload_lib.SPARSE
 
+  @property
+  def needs_shape(self) -> bool:
+    """Whether it compresses only once `for_shape` has told it a tensor's
+    shape (it sends a flat vector of unknown shape dense), so that
+    ``granularity="global"`` would not compress at all."""
+    return False
+
   @abc.abstractmethod
   def budget(self, size: int) -> int:
     """Number of values a worker aims to send for a vector of ``size``."""

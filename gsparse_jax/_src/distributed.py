@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence, Union
 
 import jax
+import optax
 from jax.sharding import PartitionSpec as P
 
 from gsparse_jax._src import axes
@@ -55,7 +56,10 @@ def state_partition_specs(opt_state: Any, axis_name: str,
 
   Raises:
     ValueError: when ``param_specs`` does not fit the parameters or shards
-      a parameter over ``axis_name``.
+      a parameter over ``axis_name``; when a `sparsify` state sits inside
+      ``optax.MultiSteps`` or ``optax.apply_if_finite``, whose per-worker
+      decisions and accumulators cannot run under `shard_map` (use
+      `gsparse_jax.multi_steps`, and sparsify's ``nonfinite="skip"``).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, gsparse_jax as gs
@@ -70,10 +74,11 @@ def state_partition_specs(opt_state: Any, axis_name: str,
     >>> specs[0].memory
     (P(('data', 'model'),),)
   """
+  _check_wrappers(opt_state)
   param_trees = []  # (treedef, full spec tree) of each parameter structure
   if param_specs is not None:
     for state in _sparsify_states(opt_state):
-      full = _full_param_specs(param_specs, state.structure)
+      full = full_param_specs(param_specs, state.structure)
       param_trees.append((jax.tree.structure(state.structure), full))
 
   def parameter_shaped(node):
@@ -107,6 +112,39 @@ def state_partition_specs(opt_state: Any, axis_name: str,
   return jax.tree.map(spec_for, opt_state, is_leaf=is_node)
 
 
+# optax wrappers that cannot hold a `sparsify` state under data parallelism
+# (checked with optax 0.2.8), and what to use instead.
+_UNSUPPORTED_WRAPPERS = {
+    optax.MultiStepsState: (
+        "optax.MultiSteps",
+        "it calls the inner update (compression and collectives) on every "
+        "micro-step and keeps its state only on the k-th: k times the "
+        "traffic, 1/k of it counted in comm_stats. Use gs.multi_steps(tx, "
+        "every_k_steps=k), which communicates once per k micro-steps"),
+    optax.ApplyIfFiniteState: (
+        "optax.apply_if_finite",
+        "it decides per worker (on the local gradient) whether to run the "
+        "inner update, so workers disagree: under shard_map JAX rejects "
+        "the cond, under pmap the workers that run it wait for the others' "
+        "collectives forever, under vmap its counters differ per worker. "
+        "sparsify(..., nonfinite='skip') (the default) already skips a step "
+        "on every worker when any worker's gradient is not finite"),
+}
+
+
+def _check_wrappers(opt_state) -> None:
+  """Refuses optax wrappers that break with a `sparsify` state inside."""
+  wrappers = tuple(_UNSUPPORTED_WRAPPERS)
+  for node in jax.tree.leaves(opt_state,
+                              is_leaf=lambda n: isinstance(n, wrappers)):
+    if isinstance(node, wrappers) and _sparsify_states(tuple(node)):
+      wrapper, why = _UNSUPPORTED_WRAPPERS[type(node)]
+      raise ValueError(
+          f"state_partition_specs: the state holds a gsparse_jax.sparsify "
+          f"state inside {wrapper}, which does not work under data "
+          f"parallelism: {why}.")
+
+
 def _has_per_worker(node) -> bool:
   """A NamedTuple state declaring ``per_worker_fields``."""
   return isinstance(node, tuple) and hasattr(node, "_fields") and hasattr(
@@ -123,7 +161,7 @@ def _sparsify_states(tree) -> list:
           if isinstance(node, transform.SparsifyState)]
 
 
-def _full_param_specs(param_specs, structure):
+def full_param_specs(param_specs, structure):
   """``param_specs`` broadcast to the parameters' full tree."""
   try:
     full = jax.tree.broadcast(param_specs, structure,
@@ -143,7 +181,7 @@ def _full_param_specs(param_specs, structure):
   return full
 
 
-def _spec_axes(spec: P) -> set[str]:
+def spec_axes(spec: P) -> set[str]:
   names = set()
   for entry in spec:
     names.update((entry,) if isinstance(entry, str) else
@@ -156,19 +194,19 @@ def _segment_axes(state, axis_name, param_specs) -> list:
   num_segments = len(state.memory)
   if param_specs is None:
     return [()] * num_segments
-  full = _full_param_specs(param_specs, state.structure)
+  full = full_param_specs(param_specs, state.structure)
   keys = []
   for (path, spec) in jax.tree_util.tree_flatten_with_path(
       full, is_leaf=_is_spec)[0]:
-    spec_axes = _spec_axes(spec)
-    if axis_name in spec_axes:
+    names = spec_axes(spec)
+    if axis_name in names:
       raise ValueError(
           f"state_partition_specs: param_specs shards leaf "
           f"{jax.tree_util.keystr(path)} as {spec} over the workers' axis "
           f"{axis_name!r}. Compression runs over {axis_name!r}, so every "
           "worker must hold the whole parameter (its shards over other axes "
           f"at most): replicate it over {axis_name!r}.")
-    keys.append(tuple(sorted(spec_axes)))
+    keys.append(tuple(sorted(names)))
   ids = [i for i, leaf in enumerate(jax.tree.leaves(state.structure))
          if transform.is_compressed_structure_leaf(leaf)]
   per_leaf = transform.group_leaves(ids, keys, "layer")

@@ -5,14 +5,17 @@ memory per worker. To train data-parallel under `jax.shard_map`, the NNX
 objects are split into a graph definition and a state pytree whose
 per-worker leaves are sharded over the workers' axis and whose other leaves
 (parameters, Adam's moments, counters) are replicated; inside the step, the
-gradient must stay local so that `sparsify` compresses it. Three helpers:
+gradient must stay local so that `sparsify` compresses it. Four helpers:
 
 * `nnx_partition_specs`: the `PartitionSpec` of every leaf of
   ``nnx.state(node)``;
 * `nnx_shard`: ``nnx.split`` plus those specs plus the state placed on the
   mesh (each worker gets its own slice of the per-worker leaves);
 * `nnx_local_value_and_grad`: `nnx.value_and_grad` that returns this
-  worker's local gradient (see `gsparse_jax.local_value_and_grad`).
+  worker's local gradient (see `gsparse_jax.local_value_and_grad`);
+* `nnx_data_parallel`: all of it as one step for `nnx.jit`, which updates
+  the model and optimizer in place (the NNX form of
+  `gsparse_jax.data_parallel`).
 
 A step is then (``examples/flax_nnx.py`` is a complete loop)::
 
@@ -33,13 +36,17 @@ Flax is an optional dependency: it is imported when a helper is called.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from gsparse_jax._src import axes
+from gsparse_jax._src import data_parallel as data_parallel_lib
 from gsparse_jax._src import distributed
 
 
@@ -70,14 +77,51 @@ def _per_worker_paths(node, axis_name: str) -> set[tuple]:
   return paths
 
 
+def _annotated_specs(node, axis_name: str, per_worker: set[tuple]
+                     ) -> dict[tuple, P]:
+  """The sharding annotations of the variables outside optimizers."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  annotated = {}
+  flat = nnx.to_flat_state(nnx.get_partition_spec(nnx.state(node)))
+  optimizers = [tuple(prefix) for prefix, child in nnx.iter_graph(node)
+                if isinstance(child, nnx.Optimizer)]
+  for path, variable in flat:
+    spec = variable.get_value()
+    path = tuple(path)
+    if (not isinstance(spec, P) or spec == P()
+        or all(entry is None for entry in spec)
+        or any(path[:len(o)] == o for o in optimizers)):
+      continue
+    if axis_name in distributed.spec_axes(spec):
+      raise ValueError(
+          f"nnx_partition_specs: variable {path} is annotated {spec}, sharded "
+          f"over the workers' axis {axis_name!r}; every worker must hold "
+          f"the whole parameter: annotate it over other axes only.")
+    annotated[path] = spec
+  if annotated and per_worker:
+    path, spec = next(iter(annotated.items()))
+    raise ValueError(
+        f"nnx_partition_specs: variable {path} is sharded as {spec} (its "
+        "sharding annotation, tensor parallel), and the optimizer's "
+        "compressed state would then have to be built per shard inside "
+        "shard_map, which the NNX helpers do not do yet. Use "
+        "gs.data_parallel(loss_fn, tx, mesh=..., param_specs=...) on the "
+        "model's pure state (nnx.split), or replicate the parameters.")
+  return annotated
+
+
 def nnx_partition_specs(node: Any, axis_name: str) -> Any:
   """PartitionSpecs of ``nnx.state(node)`` for data parallelism.
 
   The per-worker leaves of the optimizer state of every `nnx.Optimizer` in
   ``node`` (as `gsparse_jax.state_partition_specs` and `multi_steps` define
   them: error memory, compressor state, statistics, accumulators) get
-  ``P(axis_name)``; every other leaf (parameters, the rest of the optimizer
-  state, other variables) gets ``P()``.
+  ``P(axis_name)``; a variable with a sharding annotation (e.g. from
+  ``nnx.with_partitioning``) keeps its ``PartitionSpec`` (tensor
+  parallelism over other mesh axes); every other leaf (replicated
+  parameters, the rest of the optimizer state, other variables) gets
+  ``P()``.
 
   Args:
     node: NNX objects, e.g. ``(model, optimizer)``.
@@ -87,15 +131,27 @@ def nnx_partition_specs(node: Any, axis_name: str) -> Any:
     An `nnx.State` with the structure of ``nnx.state(node)`` holding a
     `PartitionSpec` per leaf, for the ``in_specs``/``out_specs`` of
     `jax.shard_map`.
+
+  Raises:
+    ValueError: when an annotation shards over ``axis_name``, or annotated
+      (tensor-parallel) parameters come with an optimizer holding a
+      `sparsify` state (not supported by the NNX helpers yet; see
+      `gsparse_jax.data_parallel` with ``param_specs``).
   """
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
   per_worker = _per_worker_paths(node, axis_name)
+  annotated = _annotated_specs(node, axis_name, per_worker)
   flat = nnx.to_flat_state(nnx.state(node))
-  return nnx.from_flat_state([
-      (path, variable.replace(P(axis_name) if tuple(path) in per_worker
-                              else P()))
-      for path, variable in flat])
+
+  def spec(path):
+    path = tuple(path)
+    if path in per_worker:
+      return P(axis_name)
+    return annotated.get(path, P())
+
+  return nnx.from_flat_state([(path, variable.replace(spec(path)))
+                              for path, variable in flat])
 
 
 def nnx_shard(node: Any, mesh: jax.sharding.Mesh, axis_name: str
@@ -105,7 +161,8 @@ def nnx_shard(node: Any, mesh: jax.sharding.Mesh, axis_name: str
   Per-worker leaves (see `nnx_partition_specs`) are laid out with a leading
   axis of one slice per worker and sharded over ``axis_name``; a leaf that
   still has the single slice ``tx.init`` gives (every worker starts from the
-  same state) is copied to each worker. Other leaves are replicated.
+  same state) is copied to each worker. Annotated variables are sharded as
+  annotated (tensor parallel); other leaves are replicated.
 
   Args:
     node: NNX objects, e.g. ``(model, optimizer)``.
@@ -125,7 +182,7 @@ def nnx_shard(node: Any, mesh: jax.sharding.Mesh, axis_name: str
 
   def place(leaf, spec):
     sharding = NamedSharding(mesh, spec)
-    if spec == P() or leaf.shape[0] == workers:
+    if spec != P(axis_name) or leaf.shape[0] == workers:
       return jax.device_put(leaf, sharding)
     if leaf.shape[0] != 1:
       raise ValueError(
@@ -139,6 +196,58 @@ def nnx_shard(node: Any, mesh: jax.sharding.Mesh, axis_name: str
   return graphdef, jax.tree.map(place, state, specs), specs
 
 
+def _worker_index(axis_name: str):
+  """This worker's index along ``axis_name``; None outside a mapped axis."""
+  try:
+    return jax.lax.axis_index(axis_name)
+  except NameError:
+    return None
+
+
+def _over_variables(function, *states):
+  """``function(variable, *others)`` on every variable of NNX states."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  return jax.tree.map(function, *states,
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _per_worker_keys(state, index):
+  """RNG keys folded with the worker's index (None: unchanged)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  if index is None:
+    return state
+  return _over_variables(
+      lambda v: v.replace(jax.random.fold_in(v.get_value(), index))
+      if isinstance(v, nnx.RngKey) else v, state)
+
+
+def _shared_state(new, old, axis_name: str):
+  """The non-differentiated state after the loss, the same on every worker.
+
+  RNG keys go back to the shared ones (only their counters advance, alike
+  on every worker); floating-point state the loss changed (BatchNorm's
+  running statistics) is averaged over the workers; other state is kept.
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  bound = _worker_index(axis_name) is not None
+  manual = axis_name in getattr(jax.sharding.get_abstract_mesh(),
+                                "manual_axes", ())
+
+  def reduce(variable, before):
+    if isinstance(variable, nnx.RngKey):
+      return variable.replace(before.get_value())
+    value = variable.get_value()
+    if (not bound or not jnp.issubdtype(value.dtype, jnp.inexact)
+        or (manual and not axes.is_varying(value, axis_name))):
+      return variable
+    return variable.replace(jax.lax.pmean(value, axis_name))
+
+  return _over_variables(reduce, new, old)
+
+
 def nnx_local_value_and_grad(fun: Callable, axis_name: str, *,
                              wrt: Any = None, has_aux: bool = False
                              ) -> Callable:
@@ -148,6 +257,24 @@ def nnx_local_value_and_grad(fun: Callable, axis_name: str, *,
   replicated parameters are cast to per-worker before differentiating, so
   JAX does not all-reduce the gradient densely behind `sparsify`'s back.
 
+  State the loss changes is written back, as `nnx.value_and_grad` does, and
+  kept identical on every worker (so it stays replicated, ``P()``):
+
+  * the model's other variables (not ``wrt``), e.g. BatchNorm's running
+    mean and variance computed on this worker's batch slice, are AVERAGED
+    over ``axis_name`` (`jax.lax.pmean`) when floating point; integer
+    variables are kept as the loss left them;
+  * NNX objects among the arguments (``nnx.Rngs``, other modules) are
+    passed through the same way;
+  * every RNG stream (in the model, e.g. ``nnx.Dropout``'s, or in an
+    ``nnx.Rngs`` argument) draws with its key folded with the worker's
+    index, ``jax.random.fold_in(key, jax.lax.axis_index(axis_name))``, so
+    each worker gets its own dropout mask; the streams' keys stay shared
+    and their counters advance alike.
+
+  Outside a mapped ``axis_name`` it is `nnx.value_and_grad` (no folding, no
+  averaging).
+
   Args:
     fun: ``fun(model, *args) -> loss`` (or ``(loss, aux)`` with has_aux).
     axis_name: the workers' axis.
@@ -156,18 +283,119 @@ def nnx_local_value_and_grad(fun: Callable, axis_name: str, *,
     has_aux: whether ``fun`` returns ``(loss, aux)``.
 
   Returns:
-    ``grad_fn(model, *args) -> (value, grads)`` where ``grads`` is the
-    `nnx.State` of the ``wrt`` variables, ready for
-    ``optimizer.update(model, grads)``.
+    ``grad_fn(model, *args) -> (value, grads)`` where ``value`` is ``loss``
+    or ``(loss, aux)`` and ``grads`` the `nnx.State` of the ``wrt``
+    variables, ready for ``optimizer.update(model, grads)``. Both are this
+    worker's own (reduce the loss yourself, e.g. `jax.lax.pmean`).
   """
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
   wrt = nnx.Param if wrt is None else wrt
 
   def grad_fn(model, *args, **kwargs):
+    index = _worker_index(axis_name)
     graphdef, params, rest = nnx.split(model, wrt, ...)
-    loss = lambda p: fun(nnx.merge(graphdef, p, rest), *args, **kwargs)
-    return distributed.local_value_and_grad(loss, axis_name,
-                                            has_aux=has_aux)(params)
+    nodes = {i: nnx.split(a) for i, a in enumerate(args)
+             if nnx.graph.is_graph_node(a)}
+    node_states = {i: state for i, (_, state) in nodes.items()}
+
+    def loss(params, rest, node_states):
+      inner = nnx.merge(graphdef, params, _per_worker_keys(rest, index),
+                        copy=True)
+      call_args = list(args)
+      for i, (node_def, _) in nodes.items():
+        call_args[i] = nnx.merge(
+            node_def, _per_worker_keys(node_states[i], index), copy=True)
+      out = fun(inner, *call_args, **kwargs)
+      value, aux = out if has_aux else (out, None)
+      changed = (nnx.state(inner, nnx.Not(wrt)),
+                 {i: nnx.state(call_args[i]) for i in nodes})
+      return value, (aux, changed)
+
+    (value, (aux, (new_rest, new_nodes))), grads = (
+        distributed.local_value_and_grad(loss, axis_name, has_aux=True)(
+            params, rest, node_states))
+    nnx.update(model, _shared_state(new_rest, rest, axis_name))
+    for i in nodes:
+      nnx.update(args[i], _shared_state(new_nodes[i], node_states[i],
+                                        axis_name))
+    return ((value, aux) if has_aux else value), grads
 
   return grad_fn
+
+
+class NNXDataParallel(NamedTuple):
+  """What `nnx_data_parallel` returns.
+
+  Attributes:
+    init: ``init(model, optimizer)``: lays the NNX objects' state out on the
+      mesh, in place (see `nnx_shard`); call it once, outside `nnx.jit`.
+    step: ``step(model, optimizer, *batch) -> loss`` (``(loss, aux)`` with
+      ``has_aux``): one training step that updates ``model`` and
+      ``optimizer`` in place, for the caller's `nnx.jit`. ``loss`` and
+      ``aux`` are averaged over workers.
+  """
+
+  init: Callable[..., None]
+  step: Callable[..., Any]
+
+
+def nnx_data_parallel(loss_fn: Callable, *, mesh: jax.sharding.Mesh,
+                      axis_name: str = "data", has_aux: bool = False
+                      ) -> NNXDataParallel:
+  """`gsparse_jax.data_parallel` for an ``nnx.Optimizer``, in the NNX style.
+
+  The optimizer is ``nnx.Optimizer(model, tx, wrt=...)`` with ``tx`` a
+  chain containing ``gs.sparsify(..., axis_name=axis_name)``; the model's
+  parameters are replicated. ``step`` splits ``(model, optimizer)``, runs
+  one `jax.shard_map` in which each worker differentiates ``loss_fn`` on its
+  slice of the batch locally (`nnx_local_value_and_grad`) and calls
+  ``optimizer.update``, then writes the new state back into the objects.
+
+  Args:
+    loss_fn: ``loss_fn(model, *batch) -> loss`` (or ``(loss, aux)``).
+    mesh: the device mesh.
+    axis_name: the workers' mesh axis; the batch is split over it.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+
+  Returns:
+    An `NNXDataParallel` with ``init(model, optimizer)`` and
+    ``step(model, optimizer, *batch)``.
+
+  Example::
+
+    dp = gs.nnx_data_parallel(loss_fn, mesh=mesh)
+    dp.init(model, optimizer)
+    train_step = nnx.jit(dp.step)
+    loss = train_step(model, optimizer, images, labels)
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  def init(model, optimizer):
+    _, state, _ = nnx_shard((model, optimizer), mesh, axis_name)
+    nnx.update((model, optimizer), state)
+
+  def local_step(graphdef, state, *batch):
+    model, optimizer = nnx.merge(graphdef, state)
+    value, grads = nnx_local_value_and_grad(
+        loss_fn, axis_name, wrt=optimizer.wrt, has_aux=has_aux)(model, *batch)
+    optimizer.update(model, grads)
+    mean = lambda tree: jax.tree.map(
+        lambda x: jax.lax.pmean(x, axis_name), tree)
+    return nnx.state((model, optimizer)), mean(value)
+
+  def step(model, optimizer, *batch):
+    specs = nnx_partition_specs((model, optimizer), axis_name)
+    graphdef, state = nnx.split((model, optimizer))
+    batch_specs = tuple(jax.tree.map(lambda _: P(axis_name), b)
+                        for b in batch)
+    state, batch = data_parallel_lib.lay_out((state, batch),
+                                             (specs, batch_specs), mesh)
+    state, value = jax.shard_map(
+        functools.partial(local_step, graphdef), mesh=mesh,
+        in_specs=(specs,) + batch_specs, out_specs=(specs, P()))(
+            state, *batch)
+    nnx.update((model, optimizer), state)
+    return value
+
+  return NNXDataParallel(init=init, step=step)

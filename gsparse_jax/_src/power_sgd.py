@@ -73,6 +73,10 @@ class PowerSGD(compressors.Compressor):
   def layout(self):
     return payload_lib.DENSE if self.matrix is None else LAYOUT
 
+  @property
+  def needs_shape(self):
+    return True  # a flat vector of unknown shape is sent dense
+
   def for_shape(self, shape):
     shape = tuple(int(s) for s in shape)
     dense = dataclasses.replace(self, matrix=None)

@@ -15,7 +15,8 @@ different shards, their mean, rounded).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Union
+import collections.abc
+from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +43,10 @@ class CommStats(NamedTuple):
       parallelism: ``sparsify(..., inner_axes=...)``; 0 otherwise). Counted
       on every call, skipped ones included: that reduction ran before
       `sparsify` saw the gradient.
+    workers: int32 ``[1]``, the number of workers the latest update call
+      aggregated over (the size of the workers' axis, 1 for
+      ``axis_name=None``); 0 before the first call, or where the update does
+      not record it.
   """
 
   steps: jax.Array
@@ -52,16 +57,19 @@ class CommStats(NamedTuple):
   dense_bytes: jax.Array
   overflow_values: jax.Array
   inner_dense_bytes: jax.Array
+  workers: jax.Array
 
 
 _COUNTERS = ("sent_values", "sent_bytes", "dense_values", "dense_bytes",
              "overflow_values", "inner_dense_bytes")
+_FIELDS_REQUIRED = ("steps", "skipped_steps") + _COUNTERS
 
 
 def init_stats() -> CommStats:
   # A fresh array per field: shared buffers could not be donated to a step.
   return CommStats(jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32),
-                   *(jnp.zeros((1, 2), jnp.uint32) for _ in _COUNTERS))
+                   *(jnp.zeros((1, 2), jnp.uint32) for _ in _COUNTERS),
+                   workers=jnp.zeros((1,), jnp.int32))
 
 
 def add_to_counter(counter: jax.Array, value: Union[int, jax.Array]
@@ -81,10 +89,14 @@ def add_to_counter(counter: jax.Array, value: Union[int, jax.Array]
 
 def record_step(stats: CommStats, *, applied: jax.Array, sent_values,
                 sent_bytes: int, dense_values: int, dense_bytes: int,
-                overflow_values, inner_dense_bytes: int = 0) -> CommStats:
+                overflow_values, inner_dense_bytes: int = 0,
+                workers: Optional[int] = None) -> CommStats:
   """Stats after one update call; counters only move when ``applied``.
 
-  ``inner_dense_bytes`` is the exception: it moves on every call.
+  ``inner_dense_bytes`` is the exception: it moves on every call. So does
+  ``workers`` (the size of the workers' axis, e.g.
+  ``axes.num_workers(axis_name)``), which replaces the recorded one; None
+  keeps it.
   """
   applied = jnp.asarray(applied)
   gate = lambda v: jnp.where(applied, v, 0)
@@ -99,6 +111,8 @@ def record_step(stats: CommStats, *, applied: jax.Array, sent_values,
                                      gate(overflow_values)),
       inner_dense_bytes=add_to_counter(stats.inner_dense_bytes,
                                        inner_dense_bytes),
+      workers=(stats.workers if workers is None else
+               jnp.zeros_like(stats.workers) + jnp.int32(workers)),
   )
 
 
@@ -107,18 +121,46 @@ def _counter_value(counter) -> np.ndarray:
   return words[:, 0] + words[:, 1] * float(_WORD)
 
 
+def _plain(value) -> Any:
+  """The array inside a framework's variable box (e.g. an ``nnx.Variable``)."""
+  get_value = getattr(value, "get_value", None)
+  return get_value() if callable(get_value) else value
+
+
+def _is_stats_mapping(node) -> bool:
+  """A `CommStats` turned into a mapping by field (``nnx.state``'s form)."""
+  return (isinstance(node, collections.abc.Mapping)
+          and set(node.keys()) >= set(_FIELDS_REQUIRED))
+
+
 def find_stats(tree: Any) -> list[CommStats]:
-  """Every `CommStats` inside a (chained, nested) optimizer state."""
-  leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, CommStats))
-  return [leaf for leaf in leaves if isinstance(leaf, CommStats)]
+  """Every `CommStats` inside a (chained, nested) optimizer state.
+
+  Also finds them in the NNX form of a state (``nnx.state(optimizer)``,
+  where each NamedTuple is a mapping by field name holding variables).
+  """
+  leaves = jax.tree.leaves(
+      tree, is_leaf=lambda x: isinstance(x, CommStats) or _is_stats_mapping(x))
+  found = []
+  for leaf in leaves:
+    if isinstance(leaf, CommStats):
+      found.append(leaf)
+    elif _is_stats_mapping(leaf):
+      # States saved before a field existed lack it: zeros, as init makes.
+      fields = {name: _plain(leaf[name]) for name in CommStats._fields
+                if name in leaf}
+      fields.setdefault("workers", np.zeros((1,), np.int32))
+      found.append(CommStats(**fields))
+  return found
 
 
 def comm_stats(opt_state: Any) -> dict[str, Any]:
   """Communication figures found anywhere inside an optimizer state.
 
   Works on the state of `gsparse_jax.sparsify` alone or chained inside
-  `optax.chain`, `optax.named_chain`, `optax.inject_hyperparams`, ... and on
-  states with a worker axis (from `vmap`, `pmap` or `shard_map`). Several
+  `optax.chain`, `optax.named_chain`, `optax.inject_hyperparams`, ... on
+  states with a worker axis (from `vmap`, `pmap` or `shard_map`), and on
+  the NNX forms ``optimizer.opt_state`` and ``nnx.state(optimizer)``. Several
   sparsify transforms in one state (e.g. `optax.multi_transform`) add up.
 
   Args:
@@ -131,8 +173,12 @@ def comm_stats(opt_state: Any) -> dict[str, Any]:
     ``inner_dense_bytes`` (bytes reduced densely inside a worker's slice, not
     across the workers' axis), ``density`` (sent / dense values) and
     ``compression`` (dense / sent bytes); ``workers``, the number of
-    workers; and ``per_worker``, the same counters as NumPy arrays of shape
-    ``[workers]``.
+    workers the sent values were averaged over (recorded by the update:
+    the size of the workers' axis; 1 means no communication at all, so
+    ``compression`` is then what a data-parallel run would save, not what
+    this one did); and ``per_worker``, the same counters as NumPy arrays
+    with one entry per row of the state (per worker; per device of a
+    nested ``vmap`` over several axes).
 
   Example:
     >>> import jax.numpy as jnp, optax, gsparse_jax as gs
@@ -163,6 +209,9 @@ def comm_stats(opt_state: Any) -> dict[str, Any]:
                        if dense_values else 0.0)
   result["compression"] = (result["dense_bytes"] / result["sent_bytes"]
                            if result["sent_bytes"] else float("inf"))
-  result["workers"] = int(steps.size)
+  recorded = max(int(np.max(np.asarray(s.workers), initial=0))
+                 for s in found)
+  # Before the first update (or where it is not recorded), the state's rows.
+  result["workers"] = recorded or int(steps.size)
   result["per_worker"] = per_worker
   return result

@@ -29,6 +29,7 @@ densely over the devices of a slice and is divided by their number first.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -40,6 +41,7 @@ from jax.sharding import PartitionSpec as P
 from gsparse_jax._src import axes
 from gsparse_jax._src import compressors
 from gsparse_jax._src import feedback as feedback_lib
+from gsparse_jax._src import payload as payload_lib
 from gsparse_jax._src import stats as stats_lib
 from gsparse_jax._src import validation
 from gsparse_jax._src import wire
@@ -190,8 +192,8 @@ def _check_nonfinite_raise(bad):
 def sparsify(compressor: compressors.Compressor, *, feedback: str = "ef",
              axis_name: Optional[str] = None, granularity: str = "global",
              nonfinite: str = "skip", momentum: float = 0.9,
-             memory_dtype: Any = jnp.float32, inner_axes: Any = ()
-             ) -> optax.GradientTransformation:
+             memory_dtype: Any = jnp.float32, inner_axes: Any = (),
+             warmup_steps: int = 0) -> optax.GradientTransformation:
   """Compresses each worker's gradient and returns the workers' mean.
 
   Args:
@@ -223,6 +225,12 @@ def sparsify(compressor: compressors.Compressor, *, feedback: str = "ef",
       ``gs.local_value_and_grad(fun, axis_name)``); it is divided by their
       size, so with `dense()` the output is the mean over all data-parallel
       devices. Their dense traffic is counted in ``inner_dense_bytes``.
+    warmup_steps: the first ``warmup_steps`` applied steps all-reduce the
+      gradient densely (the workers' mean, counted as dense bytes; memory
+      and compressor state untouched), as PowerSGD's
+      ``start_powerSGD_iter``; then the compressor takes over. The switch
+      is a `lax.cond` on the step count, so only the taken branch
+      communicates.
 
   Returns:
     An `optax.GradientTransformation` whose state is a `SparsifyState`.
@@ -252,6 +260,13 @@ def sparsify(compressor: compressors.Compressor, *, feedback: str = "ef",
                     f"{axis_name!r}.")
   memory_dtype = validation.dtype(memory_dtype, "memory_dtype", MEMORY_DTYPES)
   inner_axes = _check_inner_axes(inner_axes, axis_name)
+  warmup_steps = validation.count(warmup_steps, "warmup_steps", minimum=0)
+  if granularity == "global" and compressor.needs_shape:
+    warnings.warn(
+        f"gsparse_jax.sparsify: {compressor!r} compresses a tensor of known "
+        "shape only; with granularity='global' every segment would be sent "
+        "dense (density 1.0). Use granularity='layer'.", UserWarning,
+        stacklevel=2)
   rule = feedback_lib.rule(feedback, momentum)
   workers = workers_lib.Workers(axis_name)
 
@@ -288,8 +303,16 @@ def sparsify(compressor: compressors.Compressor, *, feedback: str = "ef",
     # concatenated segment makes XLA materialize the concatenation.
     applied = _all_finite([leaves[i] for s in segments for i in s.leaf_ids],
                           (axis_name, *inner_axes), nonfinite)
-    outcome = _step_segments(segments, rule, workers, memory_dtype,
-                             *operands)
+    compressed = lambda *ops: _step_segments(segments, rule, workers,
+                                             memory_dtype, *ops)
+    warm = None
+    if warmup_steps:
+      warm = state.count < warmup_steps
+      outcome = axes.cond(
+          warm, lambda *ops: _dense_step(segments, workers, *ops),
+          compressed, *operands)
+    else:
+      outcome = compressed(*operands)
     if nonfinite != "ignore":
       outcome = _keep_state_if_skipped(outcome, applied, operands)
     new_state = state._replace(
@@ -298,7 +321,7 @@ def sparsify(compressor: compressors.Compressor, *, feedback: str = "ef",
         compressor_state=_per_worker(outcome.compressor_state),
         shared_memory=outcome.shared_memory,
         stats=_record(state.stats, segments, applied, outcome,
-                      bool(inner_axes)))
+                      bool(inner_axes), warm))
     outputs = _unflatten(outcome.outputs, leaves, segments, treedef)
     if nonfinite != "ignore":
       outputs = _zero_if_skipped(outputs, segments, applied)
@@ -341,6 +364,19 @@ def _step_segments(segments, rule: feedback_lib.FeedbackRule,
     overflow = overflow + _per_worker_count(sent.overflow, segment.axes)
   return StepOutcome(outs, tuple(new_memory), tuple(new_comp),
                      tuple(new_shared), sent_values, overflow)
+
+
+def _dense_step(segments, workers: workers_lib.Workers, count, grads,
+                memory, comp_state, shared_memory) -> StepOutcome:
+  """A warm-up step: every segment all-reduced densely (as `dense()` sends
+  it, at its wire dtype), memories and compressor state as they were."""
+  del count
+  dense = compressors.dense()
+  outs = [dense.aggregate(payload_lib.dense_payload(g, s.wire_dtype),
+                          workers).mean for s, g in zip(segments, grads)]
+  return StepOutcome(outs, memory, comp_state, shared_memory,
+                     jnp.asarray(sum(s.size for s in segments), jnp.int32),
+                     jnp.zeros([], jnp.int32))
 
 
 def _keep_state_if_skipped(outcome: StepOutcome, applied: jax.Array,
@@ -416,14 +452,18 @@ def _per_worker_count(count: jax.Array, segment_axes) -> jax.Array:
   return (jax.lax.psum(count, varying) + shards // 2) // shards
 
 
-def _record(stats, segments, applied, outcome, two_level: bool
+def _record(stats, segments, applied, outcome, two_level: bool, warm=None
             ) -> stats_lib.CommStats:
-  """The statistics after this step; the byte figures are static."""
+  """The statistics after this step; the byte figures are static, except
+  that a warm-up step (``warm``) sends the dense bytes."""
   dense_bytes = sum(s.size * jnp.dtype(s.wire_dtype).itemsize
                     for s in segments)
+  sent_bytes = sum(wire.total_bytes(s.wire()) for s in segments)
+  if warm is not None:
+    sent_bytes = jnp.where(warm, dense_bytes, sent_bytes)
   return stats_lib.record_step(
       stats, applied=applied, sent_values=outcome.sent_values,
-      sent_bytes=sum(wire.total_bytes(s.wire()) for s in segments),
+      sent_bytes=sent_bytes,
       dense_values=sum(s.size for s in segments),
       dense_bytes=dense_bytes,
       overflow_values=outcome.overflow,
