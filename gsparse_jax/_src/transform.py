@@ -321,7 +321,7 @@ def sparsify(compressor: compressors.Compressor, *, feedback: str = "ef",
         compressor_state=_per_worker(outcome.compressor_state),
         shared_memory=outcome.shared_memory,
         stats=_record(state.stats, segments, applied, outcome,
-                      bool(inner_axes), warm))
+                      bool(inner_axes), warm, workers.size))
     outputs = _unflatten(outcome.outputs, leaves, segments, treedef)
     if nonfinite != "ignore":
       outputs = _zero_if_skipped(outputs, segments, applied)
@@ -452,8 +452,8 @@ def _per_worker_count(count: jax.Array, segment_axes) -> jax.Array:
   return (jax.lax.psum(count, varying) + shards // 2) // shards
 
 
-def _record(stats, segments, applied, outcome, two_level: bool, warm=None
-            ) -> stats_lib.CommStats:
+def _record(stats, segments, applied, outcome, two_level: bool, warm,
+            num_workers: int) -> stats_lib.CommStats:
   """The statistics after this step; the byte figures are static, except
   that a warm-up step (``warm``) sends the dense bytes."""
   dense_bytes = sum(s.size * jnp.dtype(s.wire_dtype).itemsize
@@ -468,7 +468,8 @@ def _record(stats, segments, applied, outcome, two_level: bool, warm=None
       dense_bytes=dense_bytes,
       overflow_values=outcome.overflow,
       # The dense gradient crossed the slice's links in JAX's all-reduce.
-      inner_dense_bytes=dense_bytes if two_level else 0)
+      inner_dense_bytes=dense_bytes if two_level else 0,
+      workers=num_workers)
 
 
 def _unflatten(outputs, leaves, segments, treedef):
