@@ -157,12 +157,18 @@ class Run:
                                 devices=list(devices)[:settings.workers])
       self.graphdef, self.state, self.specs = gs.nnx_shard(
           (model, optimizer), self.mesh, AXIS)
-    key = (task.name, compressor, settings,
+    # The seed changes the data and the initialization, not the step.
+    key = (task.name, compressor, dataclasses.replace(settings, seed=0),
            None if self.mesh is None else tuple(self.mesh.devices.flat))
     if key not in _COMPILED:
-      _COMPILED[key] = _compile(self.graphdef, self.model_graphdef,
-                                self.specs, task, settings, self.mesh)
-    self._step, self._evaluate = _COMPILED[key]
+      _COMPILED[key] = _compile(self.graphdef, self.specs, task, settings,
+                                self.mesh)
+    self._step = _COMPILED[key]
+    # The held-out score does not depend on the compressor or the workers.
+    key = (task.name, self.model_graphdef)
+    if key not in _EVALUATE:
+      _EVALUATE[key] = _compile_evaluate(self.model_graphdef, task)
+    self._evaluate = _EVALUATE[key]
 
   def batch(self, step: int):
     """Global inputs and targets of optimizer step ``step`` (0-based)."""
@@ -189,6 +195,22 @@ class Run:
     # Host copies: the score does not depend on how the state is sharded.
     loss, accuracy = self._evaluate(jax.device_get(nnx.state(model)))
     return float(loss), float(accuracy)
+
+  def time_step(self, repeats: int = 5) -> float:
+    """Median seconds of the compiled step, blocking on each result.
+
+    Times ``repeats`` steps on the current state and step 0's batch after
+    one warm-up call, and discards their results: the run's state, and so
+    its figures, do not change.
+    """
+    x, y = self.batch(0)
+    jax.block_until_ready(self._step(self.state, x, y))  # warm-up
+    seconds = []
+    for _ in range(repeats):
+      began = time.perf_counter()
+      jax.block_until_ready(self._step(self.state, x, y))
+      seconds.append(time.perf_counter() - began)
+    return float(np.median(seconds))
 
   def train(self, steps: int, *, start: int = 0,
             curves: Optional[Curves] = None, wall_s: float = 0.0,
@@ -229,9 +251,11 @@ class Run:
                    self.num_params)
 
 
-# Jitted (step, evaluate) per (task, compressor, settings, devices): runs of
-# one configuration in one process (tests, notebooks) compile once.
+# The jitted step per (task, compressor, settings but the seed, devices): the
+# seeds of a compressor, and runs of one configuration in one process
+# (tests, notebooks), compile once; the jitted evaluation per task and model.
 _COMPILED: dict = {}
+_EVALUATE: dict = {}
 
 
 def _body(graphdef, task, settings, state, x, y):
@@ -249,18 +273,22 @@ def _body(graphdef, task, settings, state, x, y):
   return nnx.state((model, optimizer)), loss
 
 
-def _compile(graphdef, model_graphdef, specs, task, settings, mesh):
-  """The jitted training step and held-out evaluation of a run."""
+def _compile_evaluate(model_graphdef, task):
+  """The jitted held-out evaluation of a model's state."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
-  evaluate = jax.jit(lambda model_state: task.evaluate(
+  return jax.jit(lambda model_state: task.evaluate(
       nnx.merge(model_graphdef, model_state)))
+
+
+def _compile(graphdef, specs, task, settings, mesh):
+  """The jitted training step of a run."""
   body = functools.partial(_body, graphdef, task, settings)
   if not settings.simulate:
     return jax.jit(jax.shard_map(
         lambda state, x, y: body(state, x[0], y[0]), mesh=mesh,
         in_specs=(specs, P(AXIS), P(AXIS)),
-        out_specs=(specs, P()))), evaluate
+        out_specs=(specs, P())))
   mask = jax.tree.map(lambda spec: spec != P(), specs)
   axes = jax.tree.map(lambda per_worker: 0 if per_worker else None, mask)
 
@@ -273,7 +301,7 @@ def _compile(graphdef, model_graphdef, specs, task, settings, mesh):
                         mask), loss
 
   return jax.jit(jax.vmap(worker, in_axes=(axes, 0, 0),
-                          out_axes=(axes, None), axis_name=AXIS)), evaluate
+                          out_axes=(axes, None), axis_name=AXIS))
 
 
 class Checkpoints:
