@@ -163,7 +163,7 @@ class Run:
     if key not in _COMPILED:
       _COMPILED[key] = _compile(self.graphdef, self.specs, task, settings,
                                 self.mesh)
-    self._step = _COMPILED[key]
+    self._key, self._jitted = key, _COMPILED[key]
     # The held-out score does not depend on the compressor or the workers.
     key = (task.name, self.model_graphdef)
     if key not in _EVALUATE:
@@ -172,6 +172,11 @@ class Run:
 
   def batch(self, step: int):
     """Global inputs and targets of optimizer step ``step`` (0-based)."""
+    return self._placed_batch(step)
+
+  def _placed_batch(self, step: int):
+    """`batch`'s arrays; lowering and timing the step take step 0's through
+    here, so `batch` sees the training loop's data positions only."""
     s = self.settings
     x, y = self.task.batch(s.seed, step,
                            (s.workers, s.accumulate, s.batch_size))
@@ -196,14 +201,32 @@ class Run:
     loss, accuracy = self._evaluate(jax.device_get(nnx.state(model)))
     return float(loss), float(accuracy)
 
-  def time_step(self, repeats: int = 5) -> float:
+  def compile_on(self, pool) -> None:
+    """Lowers the step here and compiles it on ``pool`` (a thread pool),
+    so that it compiles while other runs train; `train` waits for it.
+
+    XLA compiles without holding Python's lock, so a compilation and the
+    training loop of another run share the cores. The lowering (tracing)
+    stays on the calling thread, with its JAX configuration.
+    """
+    if self._key not in _EXECUTABLES:
+      x, y = self._placed_batch(0)
+      lowered = self._jitted.lower(self.state, x, y)
+      _EXECUTABLES[self._key] = pool.submit(lowered.compile)
+
+  def _step(self, state, x, y):
+    """One compiled step: the executable `compile_on` made, else the jit."""
+    future = _EXECUTABLES.get(self._key)
+    return (self._jitted if future is None else future.result())(state, x, y)
+
+  def time_step(self, repeats: int = 9) -> float:
     """Median seconds of the compiled step, blocking on each result.
 
     Times ``repeats`` steps on the current state and step 0's batch after
     one warm-up call, and discards their results: the run's state, and so
     its figures, do not change.
     """
-    x, y = self.batch(0)
+    x, y = self._placed_batch(0)
     jax.block_until_ready(self._step(self.state, x, y))  # warm-up
     seconds = []
     for _ in range(repeats):
@@ -256,6 +279,8 @@ class Run:
 # (tests, notebooks), compile once; the jitted evaluation per task and model.
 _COMPILED: dict = {}
 _EVALUATE: dict = {}
+# Ahead-of-time compilations of the jitted steps (futures), by the same key.
+_EXECUTABLES: dict = {}
 
 
 def _body(graphdef, task, settings, state, x, y):
