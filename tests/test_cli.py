@@ -281,11 +281,11 @@ def test_bad_option_is_one_line_exit_2_and_writes_nothing(
 
 
 def test_compressor_specs_parse_into_names_and_typed_options():
-  from gsparse_jax._src.cli import compare  # pylint: disable=g-import-not-at-top
+  from gsparse_jax._src.cli import specs  # pylint: disable=g-import-not-at-top
 
   known = gs.compressor_names()
   parse = lambda text: [(s.name, s.options, s.text)
-                        for s in compare.parse_compressors(text, known)]
+                        for s in specs.parse_compressors(text, known)]
   assert parse("top_k,power_sgd:rank=4,hard_threshold:capacity_ratio=0.05"
                ) == [("top_k", {}, "top_k"),
                      ("power_sgd", {"rank": 4}, "power_sgd:rank=4"),
@@ -300,14 +300,14 @@ def test_compressor_specs_parse_into_names_and_typed_options():
                     "min_compression_rate=10.0"),
                    ("top_k", {"ratio": None, "k": 7, "method": "sort"},
                     "top_k:ratio=none,k=7,method=sort")]
-  values = [compare.parse_value(t) for t in
+  values = [specs.parse_value(t) for t in
             ("4", "-3", "0.5", "1e-3", "true", "FALSE", "None", "bfloat16")]
   assert values == [4, -3, 0.5, 0.001, True, False, None, "bfloat16"]
   assert [type(v) for v in values[:4]] == [int, int, float, float]
   for bad in ("nope", "k=3", "top_k:k", "top_k:=3", "top_k:k=", "top_k,top_k",
               "top_k:k=1,k=2", "top_k:k=1:method=sort", ""):
     with pytest.raises(ValueError):
-      compare.parse_compressors(bad, known)
+      specs.parse_compressors(bad, known)
 
 
 def test_options_reach_the_factory_with_recommended_feedback(tmp_path):
