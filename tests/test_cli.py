@@ -26,7 +26,12 @@ from gsparse_jax._src.cli import training
 MLP_PARAMS = 64 * 128 + 128 + 128 * 128 + 128 + 128 * 10 + 10  # 26,122
 TINY = ["--batch-size", "8", "--eval-every", "8"]
 RUN_KEYS = {"compressor", "feedback", "final_loss", "final_accuracy",
-            "bytes_per_step_per_worker", "compression", "wall_s", "curves"}
+            "bytes_per_step_per_worker", "compression", "wall_s", "curves",
+            "compute_s_per_step", "projected_comm_s", "projected_step_s",
+            "steps_to_target", "time_to_target_s"}
+# What a run measures on the clock, different in every process.
+CLOCK_KEYS = ("wall_s", "compute_s_per_step", "projected_step_s",
+              "time_to_target_s")
 
 
 def gsparse(*argv) -> int:
@@ -49,7 +54,7 @@ def _results(out) -> dict:
 
 
 def _without_wall_time(results: dict) -> dict:
-  drop = lambda run: {k: v for k, v in run.items() if k != "wall_s"}
+  drop = lambda run: {k: v for k, v in run.items() if k not in CLOCK_KEYS}
   return {"config": results["config"],
           "runs": [{**drop(run), "per_seed": [drop(r) for r in run[
               "per_seed"]]} for run in results["runs"]]}
@@ -73,8 +78,8 @@ def compared(tmp_path_factory):
 
 def test_compare_prints_the_table_and_writes_results_and_plots(compared):
   results, stdout, out = compared
-  for text in ("dense", "top_k", "test acc", "bytes/step/worker",
-               "vs dense", "Gbit/s", "results.json"):
+  for text in ("dense", "top_k", "test acc", "bytes/step", "vs dense",
+               "comm/step", "to target", "1 Gbit/s", "results.json"):
     assert text in stdout
   config, runs = results["config"], results["runs"]
   assert config["task"] == "digits-mlp" and config["workers"] == 8
@@ -95,18 +100,109 @@ def test_compare_prints_the_table_and_writes_results_and_plots(compared):
   assert top_k["curves"]["eval_bytes"] == [8 * 261 * 8, 16 * 261 * 8,
                                            24 * 261 * 8]
   for name in ("accuracy_vs_step.png", "accuracy_vs_bytes.png",
-               "bytes_per_step.png"):
+               "accuracy_vs_time.png", "bytes_per_step.png"):
     image = matplotlib.image.imread(out / name)
     assert image.shape[0] > 200 and image.shape[1] > 300
     assert image[..., :3].std() > 0.05  # not a blank canvas
+
+
+def _ring_all_reduce_s(num_bytes, n, gbit, latency=5e-6):
+  """By hand: 2 (n - 1) messages, each worker sends 2 (n - 1) / n of B."""
+  return 2 * (n - 1) * latency + 2 * (n - 1) / n * num_bytes / (gbit * 1e9 / 8)
+
+
+def test_projected_step_is_measured_compute_plus_modelled_comm(compared):
+  results, stdout, _ = compared
+  dense, top_k = results["runs"]
+  network = gs.cost_model.network_from_gbit(1.0)  # the default link
+  top_k_comm = gs.cost_model.project_compressor(
+      gs.top_k(0.01), MLP_PARAMS, 8, network).communication_s
+  # Dense: one ring all-reduce of the float32 gradient, worked by hand;
+  # top_k: the cost model's all-gather of its 261 pairs.
+  assert dense["projected_comm_s"] == pytest.approx(
+      _ring_all_reduce_s(MLP_PARAMS * 4, 8, 1.0), rel=1e-12)
+  assert top_k["projected_comm_s"] == pytest.approx(top_k_comm, rel=1e-12)
+  for run in (dense, top_k):
+    # A few milliseconds of compute on this machine, not nothing, and less
+    # than the run's wall time per step (which also scores and compiles).
+    assert 0 < run["compute_s_per_step"] < run["wall_s"] / 24 * 5
+    assert run["projected_step_s"] == pytest.approx(
+        run["compute_s_per_step"] + run["projected_comm_s"], rel=1e-12)
+  # The default target: 95% of dense's final accuracy; each run's time to
+  # it from its own curve, recomputed here.
+  target = results["config"]["target"]
+  assert target == pytest.approx(0.95 * dense["final_accuracy"])
+  for run in (dense, top_k):
+    curves = run["curves"]
+    hits = [s for s, a in zip(curves["eval_step"], curves["eval_accuracy"])
+            if a >= target]
+    assert run["steps_to_target"] == (hits[0] if hits else None)
+    assert run["time_to_target_s"] == (
+        None if not hits else pytest.approx(hits[0] * run["projected_step_s"]))
+  assert dense["time_to_target_s"] is not None  # it reaches 95% of itself
+  assert "fastest to accuracy >= " in stdout
+
+
+def test_time_to_target_on_a_hand_worked_curve():
+  from gsparse_jax._src.cli import timing  # pylint: disable=g-import-not-at-top
+
+  steps, accuracy = [10, 20, 30, 40], [0.50, 0.85, 0.90, 0.97]
+  # First evaluation at or above 0.9 is step 30: 30 steps of 4 ms.
+  assert timing.steps_to_target(steps, accuracy, 0.9, "accuracy") == 30
+  assert timing.time_to_target(steps, accuracy, 0.9, "accuracy",
+                               0.004) == pytest.approx(0.12)
+  assert timing.time_to_target(steps, accuracy, 0.98, "accuracy", 1) is None
+  # A loss falls to its target: first at or below 0.6 is step 20.
+  assert timing.steps_to_target(steps, [2.0, 0.6, 0.7, 0.3], 0.6,
+                                "loss") == 20
+  runs = [{"compressor": "top_k", "final_accuracy": 0.9, "final_loss": 0.5},
+          {"compressor": "dense", "final_accuracy": 0.8, "final_loss": 0.4}]
+  assert timing.default_target(runs, "accuracy") == pytest.approx(0.76)
+  assert timing.default_target(runs, "loss") == pytest.approx(0.42)
+  # Without dense: within 5% of the best run.
+  assert timing.default_target(runs[:1], "accuracy") == pytest.approx(0.855)
+  assert timing.projected_step_seconds(0.003, 0.005) == pytest.approx(0.008)
+  assert timing.projected_step_seconds(0.003, 0.005, overlap=True) == 0.005
+
+
+def test_verdict_names_the_fastest_run_and_its_gain_over_cast():
+  from gsparse_jax._src.cli import timing  # pylint: disable=g-import-not-at-top
+
+  run = lambda name, seconds: {"compressor": name,
+                               "time_to_target_s": seconds}
+  line = timing.verdict([run("dense", 3.0), run("cast", 2.0),
+                         run("top_k", 0.5), run("rand_k", None)], "acc")
+  assert line == ("fastest to acc: top_k (0.5 s), 4.00x faster than cast "
+                  "(2 s)")
+  assert "cast never reached it" in timing.verdict(
+      [run("cast", None), run("top_k", 1.0)], "acc")
+  assert timing.verdict([run("cast", None)], "acc") == (
+      "no compressor reached acc")
+
+
+def test_every_compressor_keeps_one_distinct_style():
+  from gsparse_jax._src.cli import figures  # pylint: disable=g-import-not-at-top
+
+  names = ["dense", "cast", "top_k", "rand_k", "reg_top_k", "arc_top_k"]
+  style = figures.styles(names, figures._pyplot())
+  looks = {(s["color"], s["marker"], s["linestyle"]) for s in style.values()}
+  assert len({s["color"] for s in style.values()}) == len(names)
+  assert len(looks) == len(names)
+  # Each run draws above the one before it, thinner: both stay visible.
+  orders = [style[n]["zorder"] for n in names]
+  widths = [style[n]["linewidth"] for n in names]
+  assert orders == sorted(orders) and widths == sorted(widths, reverse=True)
 
 
 def test_simulated_workers_match_shard_map(compared, tmp_path):
   results, _, _ = compared
   out = tmp_path / "simulated"
   assert gsparse("compare", "--compressors", "top_k", "--steps", 24,
-                 "--simulate", "--out", out, *TINY) == 0
+                 "--simulate", "--overlap", "--out", out, *TINY) == 0
   (simulated,) = _results(out)["runs"]
+  # --overlap: a step is the larger of compute and communication.
+  assert simulated["projected_step_s"] == max(
+      simulated["compute_s_per_step"], simulated["projected_comm_s"])
   shard_map = results["runs"][1]
   assert simulated["bytes_per_step_per_worker"] == shard_map[
       "bytes_per_step_per_worker"]
@@ -158,6 +254,12 @@ BAD_OPTIONS = [
     (["--lr", "-1"], "--lr"),
     (["--accumulate", "0"], "--accumulate"),
     (["--workers", "64"], "--workers"),
+    (["--workers", "0"], "--workers"),
+    (["--bandwidth-gbit", "0"], "--bandwidth-gbit"),
+    (["--bandwidth-gbit", "fast"], "--bandwidth-gbit"),
+    (["--target", "-0.5"], "--target"),
+    (["--target", "nan"], "--target"),
+    (["--target", "1.5"], "--target"),  # an accuracy, checked on the task
     (["--resume"], "--resume"),
     (["--resume", "--checkpoint-dir", "empty"], "--resume"),
 ]
@@ -179,11 +281,11 @@ def test_bad_option_is_one_line_exit_2_and_writes_nothing(
 
 
 def test_compressor_specs_parse_into_names_and_typed_options():
-  from gsparse_jax._src.cli import compare  # pylint: disable=g-import-not-at-top
+  from gsparse_jax._src.cli import specs  # pylint: disable=g-import-not-at-top
 
   known = gs.compressor_names()
   parse = lambda text: [(s.name, s.options, s.text)
-                        for s in compare.parse_compressors(text, known)]
+                        for s in specs.parse_compressors(text, known)]
   assert parse("top_k,power_sgd:rank=4,hard_threshold:capacity_ratio=0.05"
                ) == [("top_k", {}, "top_k"),
                      ("power_sgd", {"rank": 4}, "power_sgd:rank=4"),
@@ -198,14 +300,14 @@ def test_compressor_specs_parse_into_names_and_typed_options():
                     "min_compression_rate=10.0"),
                    ("top_k", {"ratio": None, "k": 7, "method": "sort"},
                     "top_k:ratio=none,k=7,method=sort")]
-  values = [compare.parse_value(t) for t in
+  values = [specs.parse_value(t) for t in
             ("4", "-3", "0.5", "1e-3", "true", "FALSE", "None", "bfloat16")]
   assert values == [4, -3, 0.5, 0.001, True, False, None, "bfloat16"]
   assert [type(v) for v in values[:4]] == [int, int, float, float]
   for bad in ("nope", "k=3", "top_k:k", "top_k:=3", "top_k:k=", "top_k,top_k",
               "top_k:k=1,k=2", "top_k:k=1:method=sort", ""):
     with pytest.raises(ValueError):
-      compare.parse_compressors(bad, known)
+      specs.parse_compressors(bad, known)
 
 
 def test_options_reach_the_factory_with_recommended_feedback(tmp_path):
@@ -218,7 +320,7 @@ def test_options_reach_the_factory_with_recommended_feedback(tmp_path):
   assert top_k["compressor"] == spec
   assert top_k["bytes_per_step_per_worker"] == 100 * 8
   assert [run["feedback"] for run in (arc, top_k, dense)] == [
-      "ef21m", "ef", "none"]
+      "ef", "ef", "none"]
   assert gsparse("compare", "--compressors", f"{spec},dense", "--steps", 2,
                  "--feedback", "ef21", "--out", tmp_path / "b", *TINY) == 0
   assert [run["feedback"] for run in _results(tmp_path / "b")["runs"]] == [
@@ -226,7 +328,7 @@ def test_options_reach_the_factory_with_recommended_feedback(tmp_path):
 
 
 def test_registry_recommends_a_valid_feedback_per_compressor():
-  expected = {"dense": "none", "arc_top_k": "ef21m"}
+  expected = {"dense": "none"}
   for name, entry in gs.COMPRESSORS.items():
     assert entry.feedback == expected.get(name, "ef"), name
     gs.sparsify(gs.dense(), feedback=entry.feedback)  # a rule sparsify knows

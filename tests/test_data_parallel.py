@@ -250,3 +250,26 @@ def test_nnx_data_parallel_matches_the_functional_step(mesh):
   np.testing.assert_allclose(nnx_state[0].memory[0], opt_state[0].memory[0],
                              rtol=1e-5, atol=1e-6)
   assert gs.comm_stats(nnx_state)["workers"] == WORKERS
+
+
+def test_sparsify_warns_on_a_gradient_already_reduced_by_jit():
+  # jax.jit over an explicit mesh: the gradient of a batch sharded over
+  # "data" is a global array XLA all-reduced; sparsify(axis_name=None)
+  # says so and points to gs.data_parallel, and counts one worker.
+  import warnings
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+  tx = gs.sparsify(gs.top_k(k=2))
+  loss = lambda w, x: jnp.sum((x @ w) ** 2)
+  with jax.set_mesh(mesh):
+    w = jax.device_put(jnp.ones(4), NamedSharding(mesh, P()))
+    x = jax.device_put(jnp.ones((16, 4)), NamedSharding(mesh, P("data")))
+    state = tx.init(w)
+    step = jax.jit(lambda w, s, x: tx.update(jax.grad(loss)(w, x), s))
+    with pytest.warns(UserWarning, match="gs.data_parallel"):
+      _, state = step(w, state, x)
+  assert gs.comm_stats(state)["workers"] == 1
+  # One device, or inside shard_map: nothing to warn about.
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    tx.update(jnp.ones(4), tx.init(jnp.zeros(4)))

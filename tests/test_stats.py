@@ -166,3 +166,18 @@ def test_comm_stats_finds_the_state_in_every_nnx_form():
     got = gs.comm_stats(form)
     assert {k: v for k, v in got.items() if k != "per_worker"} == {
         k: v for k, v in expected.items() if k != "per_worker"}
+
+
+def test_sparsify_records_its_workers_not_the_state_rows():
+  # axis_name=None: one worker, whatever the update compresses.
+  tx = gs.sparsify(gs.top_k(k=1))
+  _, state = tx.update(jnp.ones(4), tx.init(jnp.zeros(4)))
+  assert gs.comm_stats(state)["workers"] == 1
+  # Nested vmap: 2 x 4 state rows, 4 workers along the compressed axis.
+  tx = gs.sparsify(gs.top_k(k=1), axis_name="data")
+  init = jax.vmap(jax.vmap(lambda _: tx.init(jnp.zeros(4))))
+  state = init(jnp.zeros((2, 4)))
+  step = jax.vmap(jax.vmap(lambda g, s: tx.update(g, s), axis_name="data"),
+                  axis_name="model")
+  _, state = step(jnp.ones((2, 4, 4)), state)
+  assert gs.comm_stats(state)["workers"] == 4

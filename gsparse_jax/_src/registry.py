@@ -44,8 +44,10 @@ class CompressorEntry(NamedTuple):
       target density with every other argument at its default.
     summary: one line for `gsparse info`.
     feedback: the error-feedback rule it is recommended with (`sparsify`'s
-      ``feedback``): ``"none"`` for dense, ``"ef21m"`` for ARC-Top-K
-      (contractive, designed for EF21-SGDM), ``"ef"`` for the rest.
+      ``feedback``): ``"none"`` for dense, ``"ef"`` for the rest (ARC-Top-K
+      included: its paper pairs it with EF21, but with EF21-SGDM it
+      diverged in `gsparse compare`'s runs where EF14 did not; the README
+      has the figures).
     arguments: ``(ratio, sample) -> dict``: the keyword arguments of
       ``factory`` that ``from_ratio`` uses, so that a caller can override
       some (``factory(**{**arguments(ratio, sample), **options})``).
@@ -125,7 +127,7 @@ _ENTRIES = (
     CompressorEntry("arc_top_k", arc_top_k.arc_top_k,
                     _at_ratio(arc_top_k.arc_top_k),
                     "ARC-Top-K: shared rows from a sketch, one all-reduce",
-                    feedback="ef21m", arguments=_ratio_argument),
+                    arguments=_ratio_argument),
     CompressorEntry("top_k_bf16", compressors.top_k,
                     lambda ratio, sample: compressors.top_k(
                         ratio, value_dtype="bfloat16"),

@@ -292,6 +292,8 @@ def sparsify(compressor: compressors.Compressor, *, feedback: str = "ef",
     _check_leaves(updates, "updates")
     _check_state(updates, state)
     leaves, treedef = jax.tree.flatten(updates)
+    if axis_name is None:
+      _warn_if_already_reduced(leaves)
     segments = plan(leaves, granularity, compressor, axis_name)
     _check_segments(state, segments, updates, axis_name)
     # The gradient is the sum over the inner devices: make it their mean.
@@ -321,7 +323,7 @@ def sparsify(compressor: compressors.Compressor, *, feedback: str = "ef",
         compressor_state=_per_worker(outcome.compressor_state),
         shared_memory=outcome.shared_memory,
         stats=_record(state.stats, segments, applied, outcome,
-                      bool(inner_axes), warm))
+                      bool(inner_axes), warm, workers.size))
     outputs = _unflatten(outcome.outputs, leaves, segments, treedef)
     if nonfinite != "ignore":
       outputs = _zero_if_skipped(outputs, segments, applied)
@@ -452,8 +454,8 @@ def _per_worker_count(count: jax.Array, segment_axes) -> jax.Array:
   return (jax.lax.psum(count, varying) + shards // 2) // shards
 
 
-def _record(stats, segments, applied, outcome, two_level: bool, warm=None
-            ) -> stats_lib.CommStats:
+def _record(stats, segments, applied, outcome, two_level: bool, warm,
+            num_workers: int) -> stats_lib.CommStats:
   """The statistics after this step; the byte figures are static, except
   that a warm-up step (``warm``) sends the dense bytes."""
   dense_bytes = sum(s.size * jnp.dtype(s.wire_dtype).itemsize
@@ -468,7 +470,8 @@ def _record(stats, segments, applied, outcome, two_level: bool, warm=None
       dense_bytes=dense_bytes,
       overflow_values=outcome.overflow,
       # The dense gradient crossed the slice's links in JAX's all-reduce.
-      inner_dense_bytes=dense_bytes if two_level else 0)
+      inner_dense_bytes=dense_bytes if two_level else 0,
+      workers=num_workers)
 
 
 def _unflatten(outputs, leaves, segments, treedef):
@@ -504,6 +507,31 @@ def _all_finite(grads, axis_names, nonfinite) -> jax.Array:
   if nonfinite == "raise":
     jax.debug.callback(_check_nonfinite_raise, bad > 0)
   return bad == 0
+
+
+def _warn_if_already_reduced(leaves) -> None:
+  """Warns when a gradient is a global array over a multi-device mesh.
+
+  Under `jax.jit` with an explicit mesh (``jax.set_mesh``) the gradient of
+  a batch sharded over the mesh arrives already all-reduced by XLA, densely:
+  compressing it afterwards saves nothing, although the statistics would
+  count compression. Outside `shard_map` nothing else can be seen.
+  """
+  for leaf in leaves:
+    mesh = getattr(getattr(jax.typeof(leaf), "sharding", None), "mesh", None)
+    if mesh is None or not getattr(mesh, "axis_names", ()):
+      continue
+    manual = set(getattr(mesh, "manual_axes", ()))
+    if any(size > 1 and name not in manual
+           for name, size in zip(mesh.axis_names, mesh.axis_sizes)):
+      warnings.warn(
+          "gsparse_jax.sparsify(axis_name=None) got a gradient that is a "
+          f"global array over a {mesh.size}-device mesh: XLA has already "
+          "all-reduced it densely, so compressing it saves no traffic. Put "
+          "the step in gs.data_parallel(loss_fn, tx, mesh=...) with "
+          "sparsify(..., axis_name='data') to compress the workers' local "
+          "gradients.", UserWarning, stacklevel=3)
+      return
 
 
 def _check_inner_axes(inner_axes, axis_name) -> tuple[str, ...]:

@@ -4,19 +4,20 @@ Every compressor trains the same Flax NNX model from the same initialization
 on the same batches, with N workers (the devices of a mesh under
 `jax.shard_map`, or simulated with `jax.vmap`). Prints a table (held-out
 accuracy or loss, bytes per step per worker, compression, projected
-communication time at a chosen bandwidth, wall time) and writes
-results.json and PNG plots into --out.
+communication and step time at a chosen bandwidth, projected time to a
+target metric, wall time) and a one-line verdict, and writes results.json
+and PNG plots into --out.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
-import inspect
 import json
 import os
-from typing import NamedTuple
 
 from gsparse_jax._src.cli import common
+from gsparse_jax._src.cli.specs import Spec, check_options, parse_compressors
 
 NAME = "compare"
 HELP = ("train one model per compressor on the same data and compare "
@@ -51,8 +52,7 @@ def configure(parser) -> None:
                       help="error feedback of every run: none, ef, ef21, "
                            "ef21m (default: each compressor's recommended "
                            "rule, gs.COMPRESSORS[name].feedback: none for "
-                           "dense, "
-                           "ef21m for arc_top_k, ef for the rest)")
+                           "dense, ef for the rest)")
   parser.add_argument("--granularity", default="global",
                       help="global or layer (default: global)")
   parser.add_argument("--steps", type=positive_int, default=300,
@@ -89,9 +89,19 @@ def configure(parser) -> None:
   parser.add_argument("--out", default=os.path.join("results", "compare"),
                       help="directory for results.json and the plots "
                            "(default: %(default)s)")
-  parser.add_argument("--bandwidth-gbit", type=positive, default=10.0,
+  parser.add_argument("--bandwidth-gbit", type=positive, default=1.0,
                       help="link speed for the projected communication "
-                           "time, Gbit/s (default: 10)")
+                           "and step time, Gbit/s (default: 1)")
+  parser.add_argument("--overlap", action="store_true",
+                      help="assume communication overlaps compute: a "
+                           "projected step is the larger of the two, not "
+                           "their sum")
+  parser.add_argument("--target", type=positive, default=None,
+                      help="held-out accuracy to reach (a loss to get "
+                           "down to, for a task scored by loss) for the "
+                           "time-to-target column (default: within 5%% of "
+                           "dense's final figure: 0.95 x its accuracy, "
+                           "1.05 x its loss)")
   parser.add_argument("--simulate", action="store_true",
                       help="simulate the workers with jax.vmap on one device")
 
@@ -129,36 +139,81 @@ def run(args) -> int:
     task = tasks.load_task(args.task)
   except ValueError as error:
     raise common.OptionError(f"--task: {error}") from None
-  samples = {seed: _sample_gradient(task, seed) for seed in seeds}
+  _check_target(args.target, task.metric)
+  # A sample gradient (an eager backward pass) only for compressors that
+  # calibrate on one (e.g. hard_threshold).
+  calibrated = any(_registry_entry(spec).needs_sample for spec in specs)
+  samples = {seed: _sample_gradient(task, seed) if calibrated else None
+             for seed in seeds}
   # Options reach the factories here; a bad value is still an option error.
   compressors = {(spec.text, seed): build_compressor(spec, args.ratio,
                                                      samples[seed])
                  for spec in specs for seed in seeds}
   os.makedirs(args.out, exist_ok=True)
-  runs = []
-  with _progress() as progress:
-    for name in names:
-      per_seed = [_run_one(name, seed, compressors[name, seed], task,
-                           run_settings[name, seed], args, devices, progress)
-                  for seed in seeds]
-      runs.append(combine_seeds(per_seed))
-  config = _config(args, names, settings, per_seed[0]["num_params"], task)
+  from gsparse_jax._src.cli import timing  # pylint: disable=g-import-not-at-top
+  from gsparse_jax._src.cli import training  # pylint: disable=g-import-not-at-top
+
+  # One thread compiles the steps in order while the runs before train.
+  with concurrent.futures.ThreadPoolExecutor(1) as pool, \
+      _progress() as progress:
+    trainings, outcomes = {}, {}
+    for run_key, one in run_settings.items():
+      trainings[run_key] = training.Run(task, compressors[run_key], one,
+                                        devices)
+      trainings[run_key].compile_on(pool)
+    for (name, seed), one in run_settings.items():
+      outcomes[name, seed] = _run_one(name, seed, trainings[name, seed],
+                                      compressors[name, seed], one, args,
+                                      progress)
+  # Timed once nothing compiles beside them.
+  for run_key, entry in outcomes.items():
+    entry["compute_s_per_step"] = trainings[run_key].time_step()
+    entry["projected_step_s"] = timing.projected_step_seconds(
+        entry["compute_s_per_step"], entry["projected_comm_s"], args.overlap)
+  runs = [combine_seeds([outcomes[name, seed] for seed in seeds])
+          for name in names]
+  target = add_time_to_target(runs, args.target, task.metric)
+  num_params = next(iter(outcomes.values()))["num_params"]
+  config = _config(args, names, settings, num_params, task, target)
   results = {"config": config, "runs": runs}
   path = os.path.join(args.out, "results.json")
   with open(path, "w") as f:
     json.dump(results, f, indent=1)
   from gsparse_jax._src.cli import figures  # pylint: disable=g-import-not-at-top
-  pngs = figures.write_figures(
-      args.out, results["runs"], task.metric,
-      f"{task.name}, {args.workers} workers, {args.steps} steps, "
-      f"ratio {args.ratio}, feedback {args.feedback or 'recommended'}"
-      + (f", mean of {args.seeds} seeds" if args.seeds > 1 else ""))
-  _print_table(results, task.metric)
+  from gsparse_jax._src.cli import report  # pylint: disable=g-import-not-at-top
+  pngs = figures.write_figures(args.out, results, task.metric)
+  report.print_table(results, task.metric)
   print(f"wrote {path} and {', '.join(os.path.basename(p) for p in pngs)}")
   return 0
 
 
-def _check_options(args) -> list["Spec"]:
+def _check_target(target, metric: str) -> None:
+  """An accuracy target is at most 1 (``--target`` is positive already)."""
+  if target is not None and metric == "accuracy" and target > 1:
+    raise common.OptionError(f"--target: an accuracy target must be in "
+                             f"(0, 1], got {target:g}")
+
+
+def add_time_to_target(runs: list[dict], target, metric: str) -> float:
+  """Sets each run's (and each seed's) ``steps_to_target`` and
+  ``time_to_target_s`` from its held-out curve; returns the target
+  (``target``, or `timing.default_target` when None)."""
+  from gsparse_jax._src.cli import timing  # pylint: disable=g-import-not-at-top
+
+  if target is None:
+    target = timing.default_target(runs, metric)
+  for entry in [*runs, *(one for run in runs for one in run["per_seed"])]:
+    curves = entry["curves"]
+    steps = timing.steps_to_target(curves["eval_step"],
+                                   curves[f"eval_{metric}"], target, metric)
+    entry["steps_to_target"] = steps
+    entry["time_to_target_s"] = timing.time_to_target(
+        curves["eval_step"], curves[f"eval_{metric}"], target, metric,
+        entry["projected_step_s"])
+  return target
+
+
+def _check_options(args) -> list[Spec]:
   """Every check that needs no JAX computation; returns the compressors."""
   import gsparse_jax as gs  # pylint: disable=g-import-not-at-top
 
@@ -191,107 +246,6 @@ def _check_options(args) -> list["Spec"]:
     raise common.OptionError("--resume: needs --checkpoint-dir DIR (where "
                              "the runs were checkpointed)")
   return specs
-
-
-class Spec(NamedTuple):
-  """One compressor of ``--compressors``: its registry name and options."""
-
-  name: str
-  options: dict
-
-  @property
-  def text(self) -> str:
-    """The run's name: the spec as given, ``name[:key=value,...]``."""
-    if not self.options:
-      return self.name
-    return self.name + ":" + ",".join(
-        f"{key}={_format_value(value)}" for key, value in self.options.items())
-
-
-def _format_value(value) -> str:
-  if value is None:
-    return "none"
-  if isinstance(value, bool):
-    return "true" if value else "false"
-  return str(value)
-
-
-def parse_value(text: str):
-  """An option's value: int, then float, then true/false/none, else text."""
-  for kind in (int, float):
-    try:
-      return kind(text)
-    except ValueError:
-      pass
-  lowered = text.lower()
-  if lowered in ("true", "false"):
-    return lowered == "true"
-  if lowered == "none":
-    return None
-  return text
-
-
-def parse_compressors(text: str, known) -> list[Spec]:
-  """Parses ``--compressors``: ``spec[,spec...]``.
-
-  Grammar: items separated by ``,``. An item ``NAME`` or ``NAME:KEY=VALUE``
-  starts a compressor; an item ``KEY=VALUE`` (it has ``=`` and no ``:``)
-  adds an option to the compressor before it. So
-  ``power_sgd:rank=4,warm_start=false,top_k`` is two compressors. Names
-  never contain ``=``, which is what tells the two apart. Values are
-  parsed by `parse_value`; they cannot contain ``,`` or ``:``.
-
-  Raises:
-    ValueError: one line naming the problem (unknown name, an option before
-      any compressor, a malformed or repeated option, a repeated spec).
-  """
-  specs: list[Spec] = []
-  for item in (part.strip() for part in text.split(",")):
-    if not item:
-      continue
-    if ":" in item:
-      name, option = (part.strip() for part in item.split(":", 1))
-    elif "=" in item:
-      if not specs:
-        raise ValueError(f"option {item!r} comes before any compressor "
-                         "(write NAME:KEY=VALUE)")
-      name, option = None, item
-    else:
-      name, option = item, ""
-    if name is not None:
-      if name not in known:
-        raise ValueError(f"unknown compressor {name!r}; choose from "
-                         f"{', '.join(known)} (comma-separated) or all")
-      specs.append(Spec(name, {}))
-    if option:
-      spec = specs[-1]
-      key, equals, value = (part.strip() for part in option.partition("="))
-      if not equals or not key or not value or ":" in value:
-        raise ValueError(f"{spec.name}: option {option!r} is not KEY=VALUE "
-                         "(separate options with ',')")
-      if key in spec.options:
-        raise ValueError(f"{spec.name}: option {key!r} is given twice")
-      spec.options[key] = parse_value(value)
-  if not specs:
-    raise ValueError(f"no compressor given; choose from {', '.join(known)} "
-                     "(comma-separated) or all")
-  texts = [spec.text for spec in specs]
-  for t in texts:
-    if texts.count(t) > 1:
-      raise ValueError(f"{t} is listed twice")
-  return specs
-
-
-def check_options(spec: Spec, factory) -> None:
-  """Raises ValueError unless every option of ``spec`` is a keyword
-  parameter of ``factory``."""
-  parameters = [p.name for p in inspect.signature(factory).parameters.values()
-                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-  for key in spec.options:
-    if key not in parameters:
-      accepted = ", ".join(parameters) if parameters else "no options"
-      raise ValueError(f"{spec.name}: unknown option {key!r} (gs."
-                       f"{factory.__name__} takes {accepted})")
 
 
 def build_compressor(spec: Spec, ratio: float, sample):
@@ -380,19 +334,6 @@ def _check_checkpoints(args, run_settings: dict) -> None:
           f"checkpoint of {name}")
 
 
-def projected_comm_seconds(compressor, param_leaves, granularity: str,
-                           workers: int, network) -> float:
-  """Communication time of one step, from the collectives every compressed
-  segment of the model declares (`Compressor.wire`), priced by
-  `gs.cost_model`: the same segments and bytes `sparsify` counts."""
-  from gsparse_jax import cost_model  # pylint: disable=g-import-not-at-top
-  from gsparse_jax._src import transform  # pylint: disable=g-import-not-at-top
-
-  segments = transform.plan(param_leaves, granularity, compressor)
-  return sum(cost_model.collective_seconds(c.kind, c.bytes, workers, network)
-             for segment in segments for c in segment.wire())
-
-
 def _sample_gradient(task, seed):
   """A gradient of the freshly initialized model (for compressors that
   calibrate on one, e.g. hard_threshold)."""
@@ -403,12 +344,11 @@ def _sample_gradient(task, seed):
   return nnx.grad(task.loss)(model, x, y)
 
 
-def _run_one(name, seed, compressor, task, settings, args, devices,
-             progress) -> dict:
+def _run_one(name, seed, run, compressor, settings, args, progress) -> dict:
   import gsparse_jax as gs  # pylint: disable=g-import-not-at-top
+  from gsparse_jax._src.cli import timing  # pylint: disable=g-import-not-at-top
   from gsparse_jax._src.cli import training  # pylint: disable=g-import-not-at-top
 
-  run = training.Run(task, compressor, settings, devices)
   checkpoints, start, curves, wall_s = None, 0, None, 0.0
   if args.checkpoint_dir is not None:
     checkpoints = training.Checkpoints(
@@ -427,8 +367,6 @@ def _run_one(name, seed, compressor, task, settings, args, devices,
   stats = outcome.stats
   network = gs.cost_model.network_from_gbit(args.bandwidth_gbit)
   layout = gs.cost_model.compressor_layout(compressor, outcome.num_params)
-  projected = projected_comm_seconds(compressor, run.param_leaves,
-                                     args.granularity, args.workers, network)
   return {
       "compressor": name,
       "seed": seed,
@@ -439,7 +377,9 @@ def _run_one(name, seed, compressor, task, settings, args, devices,
       "dense_bytes_per_step_per_worker": stats["dense_bytes"] / args.steps,
       "compression": stats["compression"],
       "cost_layout": layout,
-      "projected_comm_s": projected,
+      "projected_comm_s": timing.comm_seconds(
+          compressor, run.param_leaves, args.granularity, args.workers,
+          network),
       "wall_s": outcome.wall_s,
       "curves": outcome.curves._asdict(),
       "num_params": outcome.num_params,
@@ -447,17 +387,17 @@ def _run_one(name, seed, compressor, task, settings, args, devices,
 
 
 PER_SEED_KEYS = ("seed", "final_loss", "final_accuracy",
-                 "bytes_per_step_per_worker", "compression", "wall_s",
-                 "curves")
+                 "bytes_per_step_per_worker", "compression",
+                 "compute_s_per_step", "projected_step_s", "wall_s", "curves")
 
 
 def combine_seeds(per_seed: list[dict]) -> dict:
   """One compressor's entry of results.json from its runs, one per seed.
 
-  ``final_loss``, ``final_accuracy``, the bytes, the compression and the
-  curves are means over the seeds; ``*_std`` the sample standard deviation
-  (ddof=1; null for one seed); ``wall_s`` the total; ``per_seed`` keeps
-  each run's own figures.
+  ``final_loss``, ``final_accuracy``, the bytes, the compression, the
+  measured and projected step times and the curves are means over the
+  seeds; ``*_std`` the sample standard deviation (ddof=1; null for one
+  seed); ``wall_s`` the total; ``per_seed`` keeps each run's own figures.
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
 
@@ -472,7 +412,7 @@ def combine_seeds(per_seed: list[dict]) -> dict:
     values = [run[key] for run in per_seed]
     combined[key], combined[f"{key}_std"] = mean(values), std(values)
   for key in ("bytes_per_step_per_worker", "dense_bytes_per_step_per_worker",
-              "compression"):
+              "compression", "compute_s_per_step", "projected_step_s"):
     combined[key] = mean([run[key] for run in per_seed])
   # The wire of a compressor does not depend on the seed.
   combined.update(cost_layout=first["cost_layout"],
@@ -491,7 +431,7 @@ def combine_seeds(per_seed: list[dict]) -> dict:
   return combined
 
 
-def _config(args, names, settings, num_params, task) -> dict:
+def _config(args, names, settings, num_params, task, target) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
 
   config = dataclasses.asdict(settings)
@@ -500,6 +440,9 @@ def _config(args, names, settings, num_params, task) -> dict:
       seeds=args.seeds,
       task_summary=task.summary, metric=task.metric, compressors=names,
       steps=args.steps, bandwidth_gbit=args.bandwidth_gbit,
+      overlap=args.overlap, target=target,
+      target_rule=("--target" if args.target is not None else
+                   "within 5% of dense's final " + task.metric),
       num_params=num_params,
       mapping="vmap (simulated)" if args.simulate else "shard_map",
       backend=jax.default_backend())
@@ -535,41 +478,3 @@ def _progress():
       progress.TextColumn("loss {task.fields[loss]:.4f}"),
       progress.TextColumn("sent {task.fields[sent]:,.0f} B"),
       progress.TimeElapsedColumn(), console=console)
-
-
-def _print_table(results: dict, metric: str) -> None:
-  from rich.table import Table  # pylint: disable=g-import-not-at-top
-
-  config = results["config"]
-  table = Table(title=(
-      f"{config['task']}: {config['task_summary']}\n{config['workers']} "
-      f"workers ({config['mapping']}), {config['steps']} steps, batch "
-      f"{config['batch_size']}/worker, ratio {config['ratio']}, "
-      f"{config['optimizer']} lr {config['lr']}, "
-      f"{config['num_params']:,} parameters"
-      + (f", mean +- std over {config['seeds']} seeds"
-         if config["seeds"] > 1 else "")))
-  first, second = (("test acc", "final_accuracy"), ("test loss", "final_loss"))
-  if metric == "loss":
-    first, second = second, first
-  for header in ("compressor", "feedback"):
-    table.add_column(header, no_wrap=True)
-  for header in (first[0], second[0], "bytes/step/worker", "vs dense",
-                 f"comm/step @{config['bandwidth_gbit']:g} Gbit/s (model)",
-                 "wall s" if config["seeds"] == 1 else "wall s (all seeds)"):
-    table.add_column(header, justify="right")
-
-  def score(run, key):
-    spread = run.get(f"{key}_std")
-    return (f"{run[key]:.4f}" if spread is None
-            else f"{run[key]:.4f} +- {spread:.4f}")
-
-  for run in results["runs"]:
-    projected = run["projected_comm_s"]
-    table.add_row(
-        run["compressor"], run["feedback"], score(run, first[1]),
-        score(run, second[1]), f"{run['bytes_per_step_per_worker']:,.0f}",
-        f"{run['compression']:.1f}x",
-        "n/a" if projected is None else f"{projected * 1e3:.3f} ms",
-        f"{run['wall_s']:.1f}")
-  common.console().print(table)

@@ -157,15 +157,26 @@ class Run:
                                 devices=list(devices)[:settings.workers])
       self.graphdef, self.state, self.specs = gs.nnx_shard(
           (model, optimizer), self.mesh, AXIS)
-    key = (task.name, compressor, settings,
+    # The seed changes the data and the initialization, not the step.
+    key = (task.name, compressor, dataclasses.replace(settings, seed=0),
            None if self.mesh is None else tuple(self.mesh.devices.flat))
     if key not in _COMPILED:
-      _COMPILED[key] = _compile(self.graphdef, self.model_graphdef,
-                                self.specs, task, settings, self.mesh)
-    self._step, self._evaluate = _COMPILED[key]
+      _COMPILED[key] = _compile(self.graphdef, self.specs, task, settings,
+                                self.mesh)
+    self._key, self._jitted = key, _COMPILED[key]
+    # The held-out score does not depend on the compressor or the workers.
+    key = (task.name, self.model_graphdef)
+    if key not in _EVALUATE:
+      _EVALUATE[key] = _compile_evaluate(self.model_graphdef, task)
+    self._evaluate = _EVALUATE[key]
 
   def batch(self, step: int):
     """Global inputs and targets of optimizer step ``step`` (0-based)."""
+    return self._placed_batch(step)
+
+  def _placed_batch(self, step: int):
+    """`batch`'s arrays; lowering and timing the step take step 0's through
+    here, so `batch` sees the training loop's data positions only."""
     s = self.settings
     x, y = self.task.batch(s.seed, step,
                            (s.workers, s.accumulate, s.batch_size))
@@ -189,6 +200,40 @@ class Run:
     # Host copies: the score does not depend on how the state is sharded.
     loss, accuracy = self._evaluate(jax.device_get(nnx.state(model)))
     return float(loss), float(accuracy)
+
+  def compile_on(self, pool) -> None:
+    """Lowers the step here and compiles it on ``pool`` (a thread pool),
+    so that it compiles while other runs train; `train` waits for it.
+
+    XLA compiles without holding Python's lock, so a compilation and the
+    training loop of another run share the cores. The lowering (tracing)
+    stays on the calling thread, with its JAX configuration.
+    """
+    if self._key not in _EXECUTABLES:
+      x, y = self._placed_batch(0)
+      lowered = self._jitted.lower(self.state, x, y)
+      _EXECUTABLES[self._key] = pool.submit(lowered.compile)
+
+  def _step(self, state, x, y):
+    """One compiled step: the executable `compile_on` made, else the jit."""
+    future = _EXECUTABLES.get(self._key)
+    return (self._jitted if future is None else future.result())(state, x, y)
+
+  def time_step(self, repeats: int = 9) -> float:
+    """Median seconds of the compiled step, blocking on each result.
+
+    Times ``repeats`` steps on the current state and step 0's batch after
+    one warm-up call, and discards their results: the run's state, and so
+    its figures, do not change.
+    """
+    x, y = self._placed_batch(0)
+    jax.block_until_ready(self._step(self.state, x, y))  # warm-up
+    seconds = []
+    for _ in range(repeats):
+      began = time.perf_counter()
+      jax.block_until_ready(self._step(self.state, x, y))
+      seconds.append(time.perf_counter() - began)
+    return float(np.median(seconds))
 
   def train(self, steps: int, *, start: int = 0,
             curves: Optional[Curves] = None, wall_s: float = 0.0,
@@ -229,9 +274,13 @@ class Run:
                    self.num_params)
 
 
-# Jitted (step, evaluate) per (task, compressor, settings, devices): runs of
-# one configuration in one process (tests, notebooks) compile once.
+# The jitted step per (task, compressor, settings but the seed, devices): the
+# seeds of a compressor, and runs of one configuration in one process
+# (tests, notebooks), compile once; the jitted evaluation per task and model.
 _COMPILED: dict = {}
+_EVALUATE: dict = {}
+# Ahead-of-time compilations of the jitted steps (futures), by the same key.
+_EXECUTABLES: dict = {}
 
 
 def _body(graphdef, task, settings, state, x, y):
@@ -249,18 +298,22 @@ def _body(graphdef, task, settings, state, x, y):
   return nnx.state((model, optimizer)), loss
 
 
-def _compile(graphdef, model_graphdef, specs, task, settings, mesh):
-  """The jitted training step and held-out evaluation of a run."""
+def _compile_evaluate(model_graphdef, task):
+  """The jitted held-out evaluation of a model's state."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
-  evaluate = jax.jit(lambda model_state: task.evaluate(
+  return jax.jit(lambda model_state: task.evaluate(
       nnx.merge(model_graphdef, model_state)))
+
+
+def _compile(graphdef, specs, task, settings, mesh):
+  """The jitted training step of a run."""
   body = functools.partial(_body, graphdef, task, settings)
   if not settings.simulate:
     return jax.jit(jax.shard_map(
         lambda state, x, y: body(state, x[0], y[0]), mesh=mesh,
         in_specs=(specs, P(AXIS), P(AXIS)),
-        out_specs=(specs, P()))), evaluate
+        out_specs=(specs, P())))
   mask = jax.tree.map(lambda spec: spec != P(), specs)
   axes = jax.tree.map(lambda per_worker: 0 if per_worker else None, mask)
 
@@ -273,7 +326,7 @@ def _compile(graphdef, model_graphdef, specs, task, settings, mesh):
                         mask), loss
 
   return jax.jit(jax.vmap(worker, in_axes=(axes, 0, 0),
-                          out_axes=(axes, None), axis_name=AXIS)), evaluate
+                          out_axes=(axes, None), axis_name=AXIS))
 
 
 class Checkpoints:
