@@ -98,7 +98,8 @@ def diloco(inner: optax.GradientTransformation,
       for one worker.
     granularity: ``"global"`` or ``"layer"`` budget (`sparsify`'s).
     warmup_steps: the first ``warmup_steps`` syncs send the dense mean of
-      the pseudo-gradients; the feedback memory is left as it is.
+      the pseudo-gradients, the feedback memory left as it is (`sparsify`'s
+      ``warmup_steps``: its steps are the syncs).
 
   Returns:
     An `optax.GradientTransformation` whose state is a `DiLoCoState`; its
@@ -129,12 +130,10 @@ def diloco(inner: optax.GradientTransformation,
   _check_transformation(inner, "inner")
   _check_transformation(outer, "outer")
   sync_every = validation.positive_int(sync_every, "sync_every")
-  warmup_steps = validation.positive_int(warmup_steps, "warmup_steps",
-                                         minimum=0)
+  # The first `warmup_steps` syncs are sparsify's first steps.
   sync = transform.sparsify(compressor, feedback=feedback,
-                            axis_name=axis_name, granularity=granularity)
-  dense_sync = transform.sparsify(compressors.dense(), feedback="none",
-                                  axis_name=axis_name, granularity=granularity)
+                            axis_name=axis_name, granularity=granularity,
+                            warmup_steps=warmup_steps)
 
   def init_fn(params):
     return DiLoCoState(
@@ -154,13 +153,12 @@ def diloco(inner: optax.GradientTransformation,
     inner_updates, inner_state = inner.update(
         updates, transform._local(state.inner_state), params)
     count = state.count + 1
-    syncs_done = state.count // sync_every
 
     def synchronize(operands):
       anchor, outer_state, sync_state = operands
       local = optax.apply_updates(params, inner_updates)
       pseudo = jax.tree.map(lambda a, p: a - p, anchor, local)
-      mean, sync_state = _outer_gradient(pseudo, sync_state, syncs_done)
+      mean, sync_state = sync.update(pseudo, sync_state)
       outer_updates, outer_state = outer.update(mean, outer_state, anchor)
       anchor = optax.apply_updates(anchor, outer_updates)
       onto_anchor = jax.tree.map(
@@ -178,22 +176,6 @@ def diloco(inner: optax.GradientTransformation,
         count=count, anchor=anchor,
         inner_state=transform._per_worker(inner_state),
         outer_state=outer_state, sync_state=sync_state)
-
-  def _outer_gradient(pseudo, sync_state, syncs_done):
-    """The workers' mean of what they send of ``pseudo``, and the state."""
-    if not warmup_steps:
-      return sync.update(pseudo, sync_state)
-
-    def dense_round(sync_state):
-      # The dense mean, counted in the same statistics; memory untouched.
-      fresh = dense_sync.init(pseudo)
-      mean, dense_state = dense_sync.update(pseudo, fresh._replace(
-          count=sync_state.count, stats=sync_state.stats))
-      return mean, sync_state._replace(count=dense_state.count,
-                                       stats=dense_state.stats)
-
-    return jax.lax.cond(syncs_done < warmup_steps, dense_round,
-                        lambda s: sync.update(pseudo, s), sync_state)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
