@@ -1,0 +1,53 @@
+"""References of the quantized family: scaled sign and QSGD (float64)."""
+
+import numpy as np
+
+from . import draws
+from .feedback import mean_of
+from .feedback import per_worker
+
+
+def select_sign(a, step, worker, scale="l1"):
+  """``scale(a) * sign(a)`` with ``sign(0) = +1``."""
+  del step, worker
+  a = np.asarray(a, np.float64)
+  if scale == "l1":
+    magnitude = np.mean(np.abs(a))
+  else:
+    magnitude = np.sqrt(np.sum(a * a) / a.size)
+  return magnitude * np.where(a < 0, -1.0, 1.0)
+
+
+def select_qsgd(a, step, worker, compressor, segment=0):
+  """QSGD of ``a``: per bucket ``||b|| sign(a_j) l_j / s``, ``l_j`` the
+  stochastic rounding of ``s |a_j| / ||b||`` with the library's uniforms."""
+  d = a.size
+  s = 2 ** compressor.bits - 1
+  block = compressor.block_size(d)
+  num_blocks = compressor.num_blocks(d)
+  blocks = np.zeros(num_blocks * block)
+  blocks[:d] = a
+  blocks = blocks.reshape(-1, block)
+  norms = np.linalg.norm(blocks, axis=1, keepdims=True)
+  scaled = np.minimum(np.abs(blocks) / np.where(norms > 0, norms, 1.0) * s,
+                      s)
+  low = np.floor(scaled)
+  up = draws.uniform((num_blocks, block), step, worker, segment) < (
+      scaled - low)
+  sent = norms * np.sign(blocks) * (low + up) / s
+  return sent.reshape(-1)[:d]
+
+
+def _sign(compressor, d, segment):
+  del d, segment
+  return per_worker(lambda a, step, worker: select_sign(
+      a, step, worker, compressor.scale)), mean_of
+
+
+def _qsgd(compressor, d, segment):
+  del d
+  return per_worker(lambda a, step, worker: select_qsgd(
+      a, step, worker, compressor, segment)), mean_of
+
+
+REFERENCES = {"sign": _sign, "qsgd": _qsgd}
