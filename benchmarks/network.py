@@ -340,8 +340,7 @@ def predict(rows: list, networks: dict, ratio: float) -> list:
                                            network) for c, size in vectors]
     communication_s = sum(c.communication_s for c in costs)
     out.append({**row,
-                "layout": cost_model.compressor_layout(compressor,
-                                                       row["params"]),
+                "layout": compressor.layout,
                 "selection_s": row["local_s"] - row["compute_s"],
                 "model_communication_s": communication_s,
                 "model_bytes_per_worker": sum(c.bytes_per_worker

@@ -2,12 +2,13 @@
 
 Measures the selection cost of the threshold top-k kernel on this machine
 (seconds per gradient entry at one size), then feeds it to the alpha-beta
-model of `gsparse_jax._src.cost_model` over a grid of 8..4096 workers,
-1e6..1e10 parameters and 1..400 Gbit/s links, for the layouts dense (ring
-all-reduce), sparse (all-gather of value+index pairs, e.g. Top-k), aligned
-(all-reduce of k values, e.g. shared-seed Rand-k) and ARC-Top-K (sketch
-all-reduce + k values). The figure shows which layout is fastest where, and
-its speedup over dense.
+model of `gs.cost_model` over a grid of 8..4096 workers, 1e6..1e10
+parameters and 1..400 Gbit/s links, for one compressor of each layout, priced
+from the collectives it declares (`Compressor.wire`): dense (`gs.dense()`,
+ring all-reduce), sparse (`gs.top_k`, all-gather of value+index pairs),
+aligned (shared-seed `gs.rand_k`, all-reduce of k values) and arc
+(`gs.arc_top_k`, sketch all-reduce + the chosen rows' all-reduce). The
+figure shows which layout is fastest where, and its speedup over dense.
 
 A second section projects two-level data parallelism
 (`sparsify(..., axis_name="slice", inner_axes="data")`): slices of 8 devices
@@ -32,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import gsparse_jax as gs
 from benchmarks import _common
 from gsparse_jax._src import cost_model
 from gsparse_jax._src import selection
@@ -46,6 +48,20 @@ OUTER_GBITS = (10.0, 25.0, 100.0)
 DEVICES_PER_SLICE = 8
 LAYOUT_COLORS = {"dense": "#bbbbbb", "sparse": "#1f77b4",
                  "aligned": "#2ca02c", "arc": "#d62728"}
+LAYOUTS = tuple(LAYOUT_COLORS)
+
+
+def layout_compressors(ratio: float) -> dict:
+  """One compressor per layout of the grid, by the layout's label."""
+  return {"dense": gs.dense(), "sparse": gs.top_k(ratio),
+          "aligned": gs.rand_k(ratio), "arc": gs.arc_top_k(ratio)}
+
+
+def _selection(selection_s_per_element: float) -> dict:
+  """The measured selection time for every layout but dense (which sends
+  the gradient as it is)."""
+  return {name: 0.0 if name == "dense" else selection_s_per_element
+          for name in LAYOUTS}
 
 
 def measure_selection(size: int, ratio: float, repeats: int) -> dict:
@@ -68,21 +84,20 @@ def project_grid(selection_s_per_element: float, ratio: float,
                  gbits) -> list:
   """Every layout at every grid point, and the fastest one."""
   points = []
+  compressors = layout_compressors(ratio)
   for gbit in gbits:
     network = cost_model.network_from_gbit(gbit, latency_s)
     for num_params in params:
       for num_workers in workers:
-        costs = {
-            layout: cost_model.project_step(
-                num_params, num_workers, network, layout, ratio=ratio,
-                bytes_per_value=bytes_per_value,
-                selection_s_per_element=selection_s_per_element)
-            for layout in cost_model.LAYOUTS}
-        best = min(costs.values(), key=lambda c: c.total_s)
+        costs = cost_model.project_compressors(
+            compressors, num_params, num_workers, network,
+            bytes_per_value=bytes_per_value,
+            selection_s_per_element=_selection(selection_s_per_element))
+        best_name, best = min(costs.items(), key=lambda c: c[1].total_s)
         points.append({
             "gbit_per_s": gbit, "params": num_params,
             "workers": num_workers, "dense_s": best.dense_s,
-            "best": best.layout,
+            "best": best_name,
             "best_speedup_over_dense": best.speedup_over_dense,
             "layouts": {name: {"total_s": c.total_s,
                                "communication_s": c.communication_s,
@@ -109,6 +124,9 @@ def project_two_level_grid(selection_s_per_element: float, ratio: float,
     dense all-reduce (``"workers"`` holds the number of slices).
   """
   points = []
+  # None: the hierarchical dense all-reduce, the baseline.
+  compressors = {**layout_compressors(ratio), "dense": None}
+  selection_s = _selection(selection_s_per_element)
   inner = cost_model.network_from_gbit(network_args["inner_gbit"],
                                        network_args["inner_latency_s"])
   for gbit in OUTER_GBITS:
@@ -117,16 +135,16 @@ def project_two_level_grid(selection_s_per_element: float, ratio: float,
     for num_params in TWO_LEVEL_PARAMS:
       for slices in SLICES:
         costs = {
-            layout: cost_model.project_two_level(
-                num_params, slices, devices_per_slice, network, layout,
-                ratio=ratio, bytes_per_value=bytes_per_value,
-                selection_s_per_element=selection_s_per_element)
-            for layout in cost_model.LAYOUTS}
-        best = min(costs.values(), key=lambda c: c.total_s)
+            name: cost_model.project_two_level(
+                compressor, num_params, slices, devices_per_slice, network,
+                bytes_per_value=bytes_per_value,
+                selection_s_per_element=selection_s[name])
+            for name, compressor in compressors.items()}
+        best_name, best = min(costs.items(), key=lambda c: c[1].total_s)
         points.append({
             "gbit_per_s": gbit, "params": num_params, "workers": slices,
             "devices_per_slice": devices_per_slice, "dense_s": best.dense_s,
-            "best": best.layout,
+            "best": best_name,
             "best_speedup_over_dense": best.speedup_over_dense,
             "layouts": {name: c._asdict() for name, c in costs.items()}})
   return points
@@ -216,7 +234,7 @@ def main(argv=None):
                         latency_s, args.bytes_per_value, WORKERS, PARAMS,
                         GBITS)
   wins = {layout: sum(p["best"] == layout for p in points)
-          for layout in cost_model.LAYOUTS}
+          for layout in LAYOUTS}
   network_args = {"inner_gbit": args.inner_gbit,
                   "inner_latency_s": args.inner_latency_us * 1e-6,
                   "outer_latency_s": args.outer_latency_us * 1e-6}
@@ -232,7 +250,7 @@ def main(argv=None):
       "selection": measured,
       "model": {"ratio": args.ratio, "latency_s": latency_s,
                 "bytes_per_value": args.bytes_per_value,
-                "layouts": list(cost_model.LAYOUTS),
+                "layouts": list(LAYOUTS),
                 "assumption": "selection time linear in d; no overlap of "
                               "communication and compute; flat ring"},
       "grid": {"workers": list(WORKERS), "params": list(PARAMS),

@@ -87,7 +87,8 @@ def test_equals_numpy_mean_of_micro_gradients_then_top_k_with_ef(context,
   # Reference: average each worker's k micro-gradients, then Top-k + EF.
   means = grads.astype(np.float64).reshape(OPT_STEPS, EVERY, WORKERS,
                                            D).mean(1)
-  expected, _ = references.ef_run(means, references.top_k_select(K_SENT))
+  expected = references.feedback_run(
+      means, references.per_worker(references.top_k_select(K_SENT))).outputs
   for t in range(EVERY * OPT_STEPS):
     for worker in range(WORKERS):
       if (t + 1) % EVERY:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import gsparse_jax as gs
-import references_compressors13 as references13
+import references
 import runners
 
 WORKERS = 8
@@ -24,10 +24,11 @@ def test_cast_matches_reference_with_error_feedback(dtype, context, mesh):
   grads = runners.normal_grads(PARAMS, STEPS, WORKERS, seed=1)
   outputs, state = runners.run_steps(tx, PARAMS, grads, context, mesh)
 
-  sent, _, memory = references13.ef_run_dense(
-      runners.flat(grads),
-      lambda a, t, i: references13.select_cast(a, t, i, LOW[dtype]),
+  run = references.feedback_run(
+      runners.flat(grads), references.per_worker(
+          lambda a, t, i: references.dense.rounded(a, LOW[dtype])),
       dtype=np.float32)
+  sent, memory = run.sent, run.memory
   # What each worker keeps, a - round(a) in float32, is exact.
   np.testing.assert_array_equal(
       runners.worker_rows(state.memory[0], WORKERS), memory)
@@ -76,10 +77,11 @@ def test_top_k_bfloat16_values_keep_rounding_error(context, mesh):
   grads = runners.normal_grads(PARAMS, STEPS, WORKERS, seed=2)
   outputs, state = runners.run_steps(tx, PARAMS, grads, context, mesh)
 
-  _, expected, memory = references13.ef_run_dense(
-      runners.flat(grads),
-      lambda a, t, i: references13.select_top_k_low_precision(a, t, i, 5),
+  run = references.feedback_run(
+      runners.flat(grads), references.per_worker(
+          references.sparse.top_k_rounded_select(5, ml_dtypes.bfloat16)),
       dtype=np.float32)
+  expected, memory = run.outputs, run.memory
   np.testing.assert_array_equal(
       runners.worker_rows(state.memory[0], WORKERS), memory)
   # The rounded values are added in float32 after the all-gather.

@@ -2,18 +2,21 @@
 
 Modelled on optax's ``contrib/_common_test.py``: one table of compressors
 (`gs.COMPRESSORS`, so a new compressor joins by adding its registry row and
-its NumPy reference in `references.compressor_reference`), and the same
-checks for each:
+its NumPy reference to the ``REFERENCES`` of its family in
+`tests/references/`), and the same checks for each:
 
 * in each mapping (``vmap``, ``jit(shard_map)``, ``pmap``, 8 workers) the
   outputs and final memory equal the float64 NumPy reference;
+* the same under ``granularity="layer"`` (a budget per leaf, each leaf's
+  compressor specialized with ``for_shape``: PowerSGD's low-rank path,
+  ARC-Top-K's rows of the matrix), with EF and EF21-SGDM;
 * ``vmap`` and ``shard_map`` are bit-identical;
 * error feedback loses nothing: sum over steps and workers of what was sent,
   plus the final memories, equals the sum of the gradients;
 * ``init`` accepts abstract parameters; ``jax.typeof`` of the state is the
   same after ``init`` and ``update``, eager and jitted; many steps trace
   once; the state can be donated;
-* ``comm_stats`` bytes equal the compressor's declared wire cost;
+* ``comm_stats`` bytes equal the compressors' declared wire cost;
 * the output dtype equals the input dtype for float32, bfloat16, float16.
 """
 
@@ -76,33 +79,61 @@ def _output_tolerance(name, expected):
       np.abs(expected).max()))
 
 
+def _segments(name, granularity):
+  """``(columns, compressor)`` of every segment `sparsify` compresses, in
+  its order: all of `_params()` (global), or one per leaf (layer)."""
+  compressor = _compressor(name)
+  if granularity == "global":
+    return [(slice(0, D), compressor)]
+  segments, start = [], 0
+  for leaf in jax.tree.leaves(_params()):
+    segments.append((slice(start, start + leaf.size),
+                     compressor.for_shape(leaf.shape)))
+    start += leaf.size
+  return segments
+
+
 @functools.lru_cache(maxsize=None)
-def _run(name, feedback, context):
+def _run(name, feedback, context, granularity="global"):
+  """(outputs ``[steps, workers, D]``, memory ``[workers, D]``, state)."""
   tx = gs.sparsify(_compressor(name), feedback=feedback,
-                   axis_name=runners.AXIS)
+                   axis_name=runners.AXIS, granularity=granularity)
   mesh = jax.make_mesh((WORKERS,), (runners.AXIS,))
   grads = jax.tree.map(jnp.asarray, _grads())
   outputs, state = runners.run_steps(tx, _params(), grads, context, mesh)
-  memory = state.memory[0]
-  memory = (np.zeros((WORKERS, D)) if not jax.tree.leaves(memory) else
-            runners.worker_rows(jax.tree.leaves(memory)[-1], WORKERS))
-  return _flat(outputs), memory, state
+  memory = [np.zeros((WORKERS, cols.stop - cols.start))
+            if not jax.tree.leaves(segment_memory) else
+            runners.worker_rows(jax.tree.leaves(segment_memory)[-1], WORKERS)
+            for (cols, _), segment_memory in zip(
+                _segments(name, granularity), state.memory)]
+  return _flat(outputs), np.concatenate(memory, axis=-1), state
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(name, feedback, granularity="global"):
+  """(outputs ``[steps, D]``, memory ``[workers, D]``): each segment's
+  reference on its columns, as `sparsify` runs them."""
+  grads = _flat(_grads()).astype(np.float64)
+  runs = [references.feedback_run(
+      grads[..., cols],
+      *references.compressor_reference(name, compressor,
+                                       cols.stop - cols.start, index),
+      feedback) for index, (cols, compressor) in enumerate(
+          _segments(name, granularity))]
+  return (np.concatenate([run.outputs for run in runs], axis=-1),
+          np.concatenate([run.memory for run in runs], axis=-1))
 
 
 def test_every_registry_compressor_has_a_reference():
-  for name in NAMES:
-    references.compressor_reference(_compressor(name), D)
+  assert not references.missing(NAMES), (
+      f"registry compressors without a NumPy reference: "
+      f"{references.missing(NAMES)} (add each to the REFERENCES of its "
+      "family in tests/references/)")
 
 
-@pytest.mark.parametrize("context", runners.CONTEXTS)
-@pytest.mark.parametrize("feedback", FEEDBACKS)
-@pytest.mark.parametrize("name", NAMES)
-def test_matches_numpy_reference(name, feedback, context):
-  got, memory, state = _run(name, feedback, context)
-  select_all, receive_all = references.compressor_reference(
-      _compressor(name), D)
-  expected, expected_memory = references.feedback_run(
-      _flat(_grads()).astype(np.float64), select_all, receive_all, feedback)
+def _check_against_reference(name, feedback, context, granularity):
+  got, memory, state = _run(name, feedback, context, granularity)
+  expected, expected_memory = _reference(name, feedback, granularity)
   for worker in range(WORKERS):
     np.testing.assert_allclose(got[:, worker], expected,
                                **_output_tolerance(name, expected))
@@ -111,11 +142,49 @@ def test_matches_numpy_reference(name, feedback, context):
   assert stats["steps"] == STEPS and stats["skipped_steps"] == 0
 
 
+@pytest.mark.parametrize("context", runners.CONTEXTS)
 @pytest.mark.parametrize("feedback", FEEDBACKS)
 @pytest.mark.parametrize("name", NAMES)
-def test_vmap_and_shard_map_are_bit_identical(name, feedback):
-  got_vmap, memory_vmap, _ = _run(name, feedback, "vmap")
-  got_shard, memory_shard, _ = _run(name, feedback, "shard_map")
+def test_matches_numpy_reference(name, feedback, context):
+  _check_against_reference(name, feedback, context, "global")
+
+
+# Layer granularity changes what each compressor is given (one leaf, its
+# shape), not the feedback rules (per segment either way): EF in the
+# vmap/shard_map pair, and EF21-SGDM (ARC-Top-K's rule) once.
+LAYER_RUNS = (("ef", "vmap"), ("ef", "shard_map"), ("ef21m", "vmap"))
+
+
+@pytest.mark.parametrize("feedback,context", LAYER_RUNS)
+@pytest.mark.parametrize("name", NAMES)
+def test_layer_granularity_matches_numpy_reference(name, feedback, context):
+  _check_against_reference(name, feedback, context, "layer")
+
+
+def test_layer_granularity_reaches_the_shape_specialized_paths():
+  """The layer runs do exercise PowerSGD's low-rank factors and ARC-Top-K's
+  sketch of the weight's own rows, not their fallbacks."""
+  (_, bias), (_, weight) = _segments("power_sgd", "layer")
+  assert bias.layout == "dense" and weight.matrix == (6, 5)
+  _, weight = _segments("arc_top_k", "layer")[1]
+  assert weight.grid(30) == (6, 5) and weight.rank < 5  # a sketch, not rows
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_layer_granularity_bytes_are_each_leafs_declared_wire(name):
+  _, _, state = _run(name, "ef", "vmap", "layer")
+  declared = sum(c.bytes for cols, compressor in _segments(name, "layer")
+                 for c in compressor.wire(cols.stop - cols.start,
+                                          jnp.float32))
+  assert gs.comm_stats(state)["sent_bytes"] == STEPS * declared
+
+
+@pytest.mark.parametrize("feedback,granularity",
+                         [(f, "global") for f in FEEDBACKS] + [("ef", "layer")])
+@pytest.mark.parametrize("name", NAMES)
+def test_vmap_and_shard_map_are_bit_identical(name, feedback, granularity):
+  got_vmap, memory_vmap, _ = _run(name, feedback, "vmap", granularity)
+  got_shard, memory_shard, _ = _run(name, feedback, "shard_map", granularity)
   if name in references.SUM_ROUNDING:  # the collective's rounding
     np.testing.assert_allclose(got_vmap, got_shard,
                                **_output_tolerance(name, got_shard))
@@ -124,14 +193,15 @@ def test_vmap_and_shard_map_are_bit_identical(name, feedback):
   np.testing.assert_array_equal(memory_vmap, memory_shard)
 
 
+@pytest.mark.parametrize("granularity", ["global", "layer"])
 @pytest.mark.parametrize("name", NAMES)
-def test_error_feedback_loses_nothing(name):
+def test_error_feedback_loses_nothing(name, granularity):
   """n * sum_t out_t + sum_i e_i(T) == sum_t sum_i g_t,i (EF's invariant)."""
   if name in references.SUM_ROUNDING:
     pytest.skip("the collective rounds the sum outside any memory "
                 "(references.SUM_ROUNDING); its memories are checked exactly "
                 "instead")
-  got, memory, _ = _run(name, "ef", "vmap")
+  got, memory, _ = _run(name, "ef", "vmap", granularity)
   sent_total = WORKERS * got[:, 0].astype(np.float64).sum(axis=0)
   grads_total = _flat(_grads()).astype(np.float64).sum(axis=(0, 1))
   np.testing.assert_allclose(sent_total + memory.sum(axis=0), grads_total,
@@ -239,9 +309,8 @@ def test_a_new_compressor_needs_no_library_change(context):
   mesh = jax.make_mesh((WORKERS,), (runners.AXIS,))
   outputs, state = runners.run_steps(
       tx, _params(), jax.tree.map(jnp.asarray, _grads()), context, mesh)
-  expected, memory = references.feedback_run(
-      _flat(_grads()).astype(np.float64), _sign_magnitude_reference,
-      lambda sent, s: (sent.mean(axis=0), s), "ef")
+  expected, memory, _, _ = references.feedback_run(
+      _flat(_grads()).astype(np.float64), _sign_magnitude_reference)
   np.testing.assert_allclose(_flat(outputs)[:, 0], expected, rtol=2e-5,
                              atol=2e-6)
   np.testing.assert_allclose(

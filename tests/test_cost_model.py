@@ -1,5 +1,7 @@
-"""Tests for `gsparse_jax._src.cost_model` against hand-computed numbers."""
+"""Tests for `gs.cost_model` (the alpha-beta model and the projections)
+against hand-computed numbers."""
 
+import dataclasses
 import doctest
 import math
 
@@ -8,7 +10,9 @@ import numpy as np
 import pytest
 
 import gsparse_jax as gs
+from gsparse_jax._src import alpha_beta
 from gsparse_jax._src import cost_model as cm
+from gsparse_jax._src import projection
 from gsparse_jax._src import wire
 
 # alpha = 10 us, beta = 1 GB/s: easy arithmetic.
@@ -34,26 +38,24 @@ def test_all_gather():
   assert cm.all_gather_seconds(1e5, 1, NET) == 0.0
 
 
-def test_budget_and_arc_rows():
-  assert cm.budget(1e6, 0.01) == 10_000
-  assert cm.budget(10, 1e-6) == 1
-  assert cm.arc_rows(1e6) == 1000  # rows of ~sqrt(d) = 1000 entries
-  assert cm.arc_rows(1001, row_size=10) == 101
+def _project(compressor, d=1e6, n=4, **kwargs):
+  return cm.project_compressor(compressor, d, n, NET, **kwargs)
 
 
-def test_dense_layout():
-  cost = cm.project_step(1e6, 4, NET, "dense")
+def test_dense():
+  cost = _project(gs.dense())
   # 2 * 3/4 * 4e6 / 1e9 + 6e-5
+  assert cost.layout == "dense"
   assert cost.communication_s == pytest.approx(6.06e-3)
   assert cost.selection_s == 0.0
   assert cost.bytes_per_worker == 4e6
   assert cost.speedup_over_dense == pytest.approx(1.0)
 
 
-def test_sparse_layout():
-  cost = cm.project_step(1e6, 4, NET, "sparse", ratio=0.01,
-                         selection_s_per_element=2e-9)
+def test_sparse_all_gather():
+  cost = _project(gs.top_k(0.01), selection_s_per_element=2e-9)
   # k = 1e4 pairs of 4 + 4 bytes: 3 * 8e4 / 1e9 + 3e-5 = 2.7e-4
+  assert cost.layout == "sparse"
   assert cost.bytes_per_worker == 8e4
   assert cost.communication_s == pytest.approx(2.7e-4)
   assert cost.selection_s == pytest.approx(2e-3)
@@ -61,20 +63,20 @@ def test_sparse_layout():
   assert cost.speedup_over_dense == pytest.approx(6.06e-3 / 2.27e-3)
 
 
-def test_aligned_layout_half_precision():
-  cost = cm.project_step(1e6, 4, NET, "aligned", ratio=0.01,
-                         bytes_per_value=2)
+def test_aligned_all_reduce_half_precision():
+  cost = _project(gs.rand_k(0.01), bytes_per_value=2)
   # all-reduce of 1e4 * 2 bytes: 2 * 3/4 * 2e4 / 1e9 + 6e-5 = 9e-5
+  assert cost.layout == "aligned"
   assert cost.communication_s == pytest.approx(9e-5)
-  # dense bf16: 2 * 3/4 * 2e6 / 1e9 + 6e-5 = 3.06e-3
+  # dense half precision: 2 * 3/4 * 2e6 / 1e9 + 6e-5 = 3.06e-3
   assert cost.dense_s == pytest.approx(3.06e-3)
   assert cost.speedup_over_dense == pytest.approx(3.06e-3 / 9e-5)
 
 
-def test_arc_layout():
-  cost = cm.project_step(1e6, 4, NET, "arc", ratio=0.01, sketch_rank=4)
+def test_arc_top_k_sketch_and_rows():
+  cost = _project(gs.arc_top_k(0.01))  # rank 4, rows of ~sqrt(d) = 1000
   # sketch: 1000 rows * 4 * 4 bytes = 16e3 -> 2 * .75 * 16e3 / 1e9 + 6e-5
-  # rows:   1e4 * 4 bytes = 4e4        -> 2 * .75 * 4e4 / 1e9 + 6e-5
+  # rows:   10 rows of 1000 * 4 bytes = 4e4 -> 2 * .75 * 4e4 / 1e9 + 6e-5
   sketch_s = 1.5 * 16e3 / 1e9 + 6e-5
   rows_s = 1.5 * 4e4 / 1e9 + 6e-5
   assert cost.bytes_per_worker == 16e3 + 4e4
@@ -83,9 +85,9 @@ def test_arc_layout():
 
 def test_sparse_payload_grows_with_workers_but_aligned_does_not():
   net = cm.Network(latency_s=0.0, bandwidth_bytes_per_s=1.25e9)
-  sparse = [cm.project_step(1e8, n, net, "sparse", ratio=0.01)
+  sparse = [cm.project_compressor(gs.top_k(0.01), 1e8, n, net)
             for n in (8, 4096)]
-  aligned = [cm.project_step(1e8, n, net, "aligned", ratio=0.01)
+  aligned = [cm.project_compressor(gs.rand_k(0.01), 1e8, n, net)
              for n in (8, 4096)]
   assert sparse[1].communication_s > 100 * sparse[0].communication_s
   assert aligned[1].communication_s < 1.2 * aligned[0].communication_s
@@ -95,28 +97,37 @@ def test_sparse_payload_grows_with_workers_but_aligned_does_not():
 
 def test_best_layout():
   slow = cm.network_from_gbit(1.0)
-  best = cm.best_layout(1e9, 16, slow, ratio=0.001,
-                        selection_s_per_element=1e-9)
-  assert best.layout in ("aligned", "arc")
+  compressors = {"dense": gs.dense(), "top_k": gs.top_k(0.001),
+                 "rand_k": gs.rand_k(0.001), "arc_top_k": gs.arc_top_k(0.001)}
+  selection = {name: 0.0 if name == "dense" else 1e-9 for name in compressors}
+  name, best = cm.best_layout(compressors, 1e9, 16, slow,
+                              selection_s_per_element=selection)
+  costs = cm.project_compressors(compressors, 1e9, 16, slow,
+                                 selection_s_per_element=selection)
+  assert name == "rand_k"  # the fewest bytes in one all-reduce
+  assert best == costs["rand_k"] == min(costs.values(),
+                                        key=lambda c: c.total_s)
   # With one worker nothing is sent, so selection only adds time.
-  assert cm.best_layout(1e9, 1, slow, ratio=0.01,
-                        selection_s_per_element=1e-9).layout == "dense"
+  assert cm.best_layout(compressors, 1e9, 1, slow,
+                        selection_s_per_element=selection)[0] == "dense"
+  # Ties go to the first listed.
+  assert cm.best_layout({"a": gs.dense(), "b": gs.dense()}, 1e6, 4,
+                        slow)[0] == "a"
 
 
 @pytest.mark.parametrize(
     "kwargs,message",
-    [(dict(layout="ring"), "`layout` must be one of"),
-     (dict(ratio=0.0), r"`ratio` must be a number in \(0, 1\]"),
-     (dict(ratio=1.5), r"`ratio` must be a number in \(0, 1\]"),
-     (dict(num_workers=0), "`num_workers` must be an integer >= 1"),
+    [(dict(num_workers=0), "`num_workers` must be an integer >= 1"),
      (dict(num_workers=2.5), "`num_workers` must be an integer >= 1"),
      (dict(num_params=0), "`num_params` must be a finite number >= 1"),
+     (dict(bytes_per_value=8), "`bytes_per_value` must be one of 4, 2"),
      (dict(selection_s_per_element=-1.0), "`selection_s_per_element`")])
 def test_invalid_arguments_raise(kwargs, message):
-  args = dict(num_params=1e6, num_workers=4, network=NET, layout="sparse")
+  args = dict(compressor=gs.top_k(0.01), num_params=1e6, num_workers=4,
+              network=NET)
   args.update(kwargs)
   with pytest.raises(ValueError, match=message):
-    cm.project_step(**args)
+    cm.project_compressor(**args)
 
 
 def test_network_validation():
@@ -212,34 +223,44 @@ def test_calibrate_rejects_bad_input(samples, kwargs, message):
     cm.calibrate(samples, **kwargs)
 
 
-def test_compressor_layout():
-  assert cm.compressor_layout(gs.dense(), 1e4) == "dense"
-  assert cm.compressor_layout(gs.top_k(0.01), 1e4) == "sparse"
-  assert cm.compressor_layout(gs.rand_k(0.01), 1e4) == "aligned"
-  assert cm.compressor_layout(gs.rand_k(0.01, shared=False), 1e4) == "sparse"
-  assert cm.compressor_layout(gs.arc_top_k(0.01), 1e4) == "arc"
+@dataclasses.dataclass(frozen=True)
+class TwoAlignedCollectives(gs.Compressor):
+  """A test-only compressor of a format of its own, known to the cost model
+  only by its `wire`: two aligned all-reduces (1% of the values, then 50
+  more), like a sketch and the entries it picks."""
 
+  @property
+  def layout(self):
+    return "two_aligned"
 
-
-class _LowRank:
-  """A compressor of a format of its own, known only by its `wire`."""
-
-  layout = "low_rank"
+  def budget(self, size):
+    return size // 100 + 50
 
   def wire(self, size, value_dtype):
-    del value_dtype
-    return (wire.all_reduce(4 * size // 100), wire.all_reduce(4 * 50))
+    value_bytes = np.dtype(value_dtype).itemsize
+    return (wire.all_reduce(size // 100 * value_bytes),
+            wire.all_reduce(50 * value_bytes))
+
+  def select(self, x, state, context):
+    raise NotImplementedError  # never run: the cost model reads `wire` only
 
 
-def test_a_compressor_of_its_own_format_is_projected_from_its_wire():
-  compressor = _LowRank()
-  assert cm.compressor_layout(compressor, 1e6) == "low_rank"
-  cost = cm.project_compressor(compressor, 1e6, 4, NET,
+def test_a_compressor_with_two_aligned_collectives_is_priced_from_its_wire():
+  cost = cm.project_compressor(TwoAlignedCollectives(), 1e6, 4, NET,
                                selection_s_per_element=1e-9)
-  # Two all-reduces on 4 workers: 1.5 * (4e4 + 200) / 1e9 + 2 * 6 * 1e-5.
+  # Two ring all-reduces on 4 workers, each 2 * 3 steps of 1e-5 s and
+  # 2 * 3/4 of its bytes: 1.5 * (4e4 + 200) / 1e9 + 2 * 6 * 1e-5.
+  assert cost.layout == "two_aligned"
   assert cost.communication_s == pytest.approx(1.5 * 40200 / 1e9 + 1.2e-4)
   assert cost.selection_s == pytest.approx(1e-3)
   assert cost.bytes_per_worker == 40200
+  half = cm.project_compressor(TwoAlignedCollectives(), 1e6, 4, NET,
+                               bytes_per_value=2)
+  assert half.bytes_per_worker == 20100
+  two_level = cm.project_two_level(TwoAlignedCollectives(), 1e6, 4, 2,
+                                   TWO_LEVEL)
+  assert two_level.outer_s == pytest.approx(cost.communication_s)
+  assert two_level.layout == "two_aligned"
 
 
 SAMPLE = np.random.default_rng(0).normal(size=(2000,)).astype(np.float32)
@@ -259,17 +280,9 @@ def test_projected_bytes_match_the_libraries_statistics(name):
       counted)
 
 
-def test_project_compressor_matches_project_step():
-  arc = gs.arc_top_k(0.01)
-  d = 1_000_000  # rows of 1000: 10 rows kept, 1000 * 4 sketch values
-  got = cm.project_compressor(arc, d, 8, NET, selection_s_per_element=1e-9)
-  want = cm.project_step(d, 8, NET, "arc", ratio=0.01, sketch_rank=4,
-                         selection_s_per_element=1e-9)
-  assert got == want
-
-
-def test_docstring_example():
-  assert doctest.testmod(cm).failed == 0
+@pytest.mark.parametrize("module", [cm, alpha_beta, projection])
+def test_docstring_examples(module):
+  assert doctest.testmod(module).failed == 0
 
 
 # Two-level: inner links alpha = 1 us, beta = 10 GB/s; outer links as NET.
@@ -286,7 +299,7 @@ def test_hierarchical_all_reduce():
 
 def test_two_level_sparse_against_hand_computed():
   # d = 2.5e5 float32 (1e6 bytes); k = 2500 pairs of 8 bytes = 2e4 bytes.
-  cost = cm.project_two_level(2.5e5, 4, 2, TWO_LEVEL, "sparse", ratio=0.01)
+  cost = cm.project_two_level(gs.top_k(0.01), 2.5e5, 4, 2, TWO_LEVEL)
   assert cost.inner_s == pytest.approx(1.02e-4)  # the dense in-slice ring
   assert cost.outer_s == pytest.approx(3 * 2e4 / 1e9 + 3 * 1e-5)
   assert cost.outer_bytes_per_device == 2e4
@@ -297,13 +310,13 @@ def test_two_level_sparse_against_hand_computed():
 
 
 def test_two_level_dense_is_the_baseline_and_one_slice_sends_nothing_across():
-  dense = cm.project_two_level(2.5e5, 4, 2, TWO_LEVEL, "dense")
+  dense = cm.project_two_level(None, 2.5e5, 4, 2, TWO_LEVEL)
   assert dense.total_s == pytest.approx(dense.dense_s)
   assert dense.outer_bytes_per_device == 5e5  # each device's 1/p shard
   assert dense.speedup_over_dense == pytest.approx(1.0)
-  alone = cm.project_two_level(2.5e5, 1, 2, TWO_LEVEL, "sparse", ratio=0.01,
+  alone = cm.project_two_level(gs.top_k(0.01), 2.5e5, 1, 2, TWO_LEVEL,
                                selection_s_per_element=1e-9)
   assert alone.outer_s == 0.0
   assert alone.total_s == pytest.approx(1.02e-4 + 2.5e-4)
   with pytest.raises(ValueError, match="`devices_per_slice`"):
-    cm.project_two_level(2.5e5, 4, 0, TWO_LEVEL, "sparse")
+    cm.project_two_level(gs.top_k(0.01), 2.5e5, 4, 0, TWO_LEVEL)

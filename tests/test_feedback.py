@@ -27,20 +27,11 @@ def ef21_reference(grads, select, momentum=None):
   Returns:
     (outputs ``[steps, d]``, final ``h_i`` ``[workers, d]``, final ``h``).
   """
-  _, workers, d = grads.shape
-  estimates = np.zeros((workers, d))  # h_i
-  shared = np.zeros(d)  # h
-  velocity = np.zeros((workers, d))
-  outputs = []
-  for g in grads:
-    if momentum is not None:
-      velocity = momentum * velocity + (1.0 - momentum) * g
-      g = velocity
-    sent = select(g - estimates)  # c_i = C(g_i - h_i)
-    estimates = estimates + sent
-    shared = shared + sent.mean(axis=0)
-    outputs.append(shared.copy())
-  return np.stack(outputs), estimates, shared
+  run = references.feedback_run(
+      grads, lambda x, step, state: (select(x), state),
+      feedback="ef21" if momentum is None else "ef21m",
+      momentum=momentum)
+  return run.outputs, run.memory, run.shared
 
 
 def top_k_rows(k):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import gsparse_jax as gs
-import references_compressors13 as ref
+from references import quantized as ref
 import runners
 
 D = 1000

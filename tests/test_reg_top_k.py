@@ -119,8 +119,9 @@ def test_reference_data_exercises_the_regularization():
   outputs, _ = runners.run_steps(tx, jnp.zeros(20), jnp.asarray(flat), "vmap")
   got = outputs[:, 0]
   np.testing.assert_allclose(got, ref["outputs"], rtol=1e-5, atol=1e-5)
-  top_k_outputs, _ = references.ef_run(flat.astype(np.float64),
-                                       references.top_k_select(k))
+  top_k_outputs = references.feedback_run(
+      flat.astype(np.float64),
+      references.per_worker(references.top_k_select(k))).outputs
   # Identical choices (hence memories) up to the first step where some
   # worker's RegTop-k choice differs from Top-k's; there the means part.
   first = int(np.argmax(differs))

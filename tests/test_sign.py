@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import gsparse_jax as gs
-import references_compressors13 as references
+import references
 import runners
 
 WORKERS = 8
@@ -22,9 +22,10 @@ def test_matches_reference_with_error_feedback(scale, context, mesh):
   grads = runners.normal_grads(PARAMS, STEPS, WORKERS, seed=1)
   outputs, state = runners.run_steps(tx, PARAMS, grads, context, mesh)
 
-  sent, expected, memory = references.ef_run_dense(
+  expected, memory, sent, _ = references.feedback_run(
       runners.flat(grads).astype(np.float64),
-      lambda a, t, i: references.select_sign(a, t, i, scale))
+      references.per_worker(lambda a, t, i: references.quantized.select_sign(
+          a, t, i, scale)))
   got = runners.flat(outputs)
   runners.assert_every_worker_matches(
       got, expected, state.memory[0], memory,

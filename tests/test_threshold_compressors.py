@@ -132,19 +132,18 @@ def test_hard_threshold_comm_stats_hand_checked():
 
 
 def _threshold_select(threshold, capacity):
-  """NumPy hard-threshold selection with a capacity (for references.ef_run)."""
+  """NumPy hard-threshold selection with a capacity, dense."""
   def select(a, step, worker):
     del step, worker
     passing = np.nonzero(np.abs(a) >= threshold)[0]
     if passing.size > capacity:
       passing = np.argsort(-np.abs(a), kind="stable")[:capacity]
-    return passing, a[passing]
+    return references.sparse.keep(a, passing)
   return select
 
 
 @pytest.mark.parametrize("context", ["vmap", "shard_map"])
 def test_hard_threshold_workers_match_reference(context, mesh):
-  import references
   d, threshold = 24, 1.2
   c = gs.hard_threshold(threshold, capacity_ratio=0.25)  # 6 slots
   tx = gs.sparsify(c, axis_name=runners.AXIS)
@@ -152,8 +151,9 @@ def test_hard_threshold_workers_match_reference(context, mesh):
       np.float32)
   outputs, state = runners.run_steps(tx, jnp.zeros(d), jnp.asarray(grads),
                                      context, mesh)
-  expected, memory = references.ef_run(
-      grads.astype(np.float64), _threshold_select(threshold, 6))
+  expected, memory, _, _ = references.feedback_run(
+      grads.astype(np.float64),
+      references.per_worker(_threshold_select(threshold, 6)))
   for worker in range(WORKERS):
     np.testing.assert_allclose(outputs[:, worker], expected, rtol=1e-5,
                                atol=1e-6)
@@ -363,8 +363,9 @@ def test_approx_top_k_in_sparsify_with_workers():
   tx = gs.sparsify(gs.approx_top_k(0.125), axis_name=runners.AXIS)
   outputs, state = runners.run_steps(tx, jnp.zeros(64), jnp.asarray(grads),
                                      "vmap")
-  expected, memory = references.ef_run(grads.astype(np.float64),
-                                       references.top_k_select(8))
+  expected, memory, _, _ = references.feedback_run(
+      grads.astype(np.float64),
+      references.per_worker(references.top_k_select(8)))
   for worker in range(WORKERS):
     np.testing.assert_allclose(outputs[:, worker], expected, rtol=1e-5,
                                atol=1e-6)

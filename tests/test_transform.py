@@ -50,8 +50,7 @@ def _rand_k_select(compressor, d):
   def select(a, step, worker):
     if step not in cache:
       cache[step] = indices_for(step)
-    indices = cache[step][worker]
-    return indices, a[indices]
+    return references.sparse.keep(a, cache[step][worker])
   return select
 
 
@@ -75,7 +74,8 @@ def test_matches_numpy_reference_with_error_feedback(name, context, mesh):
   k = compressor.budget(d)
   select = (references.top_k_select(k) if name == "top_k"
             else _rand_k_select(compressor, d))
-  expected, memory = references.ef_run(flat_grads, select)
+  expected, memory, _, _ = references.feedback_run(
+      flat_grads, references.per_worker(select))
 
   got = _flat(outputs)  # [steps, workers, d]
   runners.assert_every_worker_matches(

@@ -366,7 +366,7 @@ def _run_one(name, seed, run, compressor, settings, args, progress) -> dict:
                                         sent=p.sent_bytes))
   stats = outcome.stats
   network = gs.cost_model.network_from_gbit(args.bandwidth_gbit)
-  layout = gs.cost_model.compressor_layout(compressor, outcome.num_params)
+  layout = compressor.layout
   return {
       "compressor": name,
       "seed": seed,
