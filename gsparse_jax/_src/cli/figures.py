@@ -51,8 +51,9 @@ def title(config: dict) -> str:
   feedback_text = (f"feedback {feedback} (all runs)"
                    if not feedback.startswith("recommended") else
                    "each compressor's recommended feedback (in the legend)")
+  # Two lines: on one, a charlm title ran past the figure's right edge.
   return (f"{config['task']}, {config['workers']} workers, "
-          f"{config['steps']} steps, ratio {config['ratio']}, "
+          f"{config['steps']} steps, ratio {config['ratio']}\n"
           f"{feedback_text}, {seed_text}")
 
 
