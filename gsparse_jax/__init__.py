@@ -36,6 +36,10 @@ from gsparse_jax._src.registry import compressor_from_ratio
 from gsparse_jax._src.registry import compressor_names
 from gsparse_jax._src.registry import REGISTRY as COMPRESSORS
 from gsparse_jax._src.reg_top_k import RegTopKState
+from gsparse_jax._src.segments import Segment
+from gsparse_jax._src.segments import segment_plan
+from gsparse_jax._src.segments import SegmentPlan
+from gsparse_jax._src.segments import small_or_vector_leaves
 from gsparse_jax._src.sign import sign
 from gsparse_jax._src.stats import comm_stats
 from gsparse_jax._src.stats import CommStats
@@ -57,6 +61,8 @@ __all__ = (
     "Payload",
     "Received",
     "RegTopKState",
+    "Segment",
+    "SegmentPlan",
     "SelectContext",
     "Task",
     "SparsifyState",
@@ -88,7 +94,9 @@ __all__ = (
     "quantized_top_k",
     "rand_k",
     "reg_top_k",
+    "segment_plan",
     "sign",
+    "small_or_vector_leaves",
     "sparsify",
     "state_partition_specs",
     "top_k",

@@ -231,8 +231,6 @@ def test_local_grad_averages_batch_stats_and_folds_rng_keys_per_worker(mesh):
   assert len({np.asarray(g).tobytes() for g in kernel_grads}) == WORKERS
 
 
-@pytest.mark.xfail(strict=True, reason="structure leaves carry sharding "
-                   "metadata; fixed by issue 20 item 2")
 def test_optimizer_on_annotated_params_builds():
   mesh = jax.make_mesh((4, 2), (AXIS, "model"))
   with jax.set_mesh(mesh):

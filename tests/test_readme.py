@@ -71,3 +71,14 @@ def test_readme_jit_and_nnx_loops_run_as_written(tmp_path):
   assert lines[0] == "8 32.0"
   assert lines[1] == "8 ['accuracy', 'loss']"
   assert lines[2] == "P('data',)"
+
+
+def test_readme_warmup_and_keep_dense_run_as_written(tmp_path):
+  (code,) = [b for b in _blocks("python") if "keep_dense=" in b]
+  plan, counts = _run(code, tmp_path)[-2:]
+  assert plan == "SegmentPlan(2 leaves, global: [16 dense, 1024])"
+  sent, dense = (float(w) for w in counts.split())
+  # 3 steps of 1040 float32 values: 2 warm-up steps dense, then the bias
+  # (16 values) dense and Top-1% of the kernel: k = 10 (value + index).
+  assert dense == 3 * 1040 * 4
+  assert sent == 2 * 1040 * 4 + (16 * 4 + 10 * 8)

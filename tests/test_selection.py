@@ -18,6 +18,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gsparse_jax._src import selection
+from gsparse_jax._src import selection_plan
+from gsparse_jax._src import threshold_kernel
 
 SIZE = 5000  # one size for the input-family tests: one compile per k
 
@@ -37,7 +39,7 @@ def assert_same_set(indices, x, k):
 
 def threshold_with_flag(x, plan):
   """(indices, used_fallback) of the threshold kernel for an explicit plan."""
-  return selection._threshold_kernel(plan)(jnp.asarray(x, jnp.float32))
+  return threshold_kernel.threshold_kernel(plan)(jnp.asarray(x, jnp.float32))
 
 
 def make_family(name, size, rng):
@@ -95,8 +97,8 @@ def test_fallback_when_the_sample_overestimates_the_threshold():
   plan = selection.threshold_plan(size, k, sample_size=256)
   rng = np.random.default_rng(2)
   x = rng.standard_normal(size).astype(np.float32)
-  x[selection._sample_positions(plan)] = 1e4 + rng.random(plan.sample_size)
-  hidden = np.unique(selection._sample_positions(plan)).size
+  x[threshold_kernel._sample_positions(plan)] = 1e4 + rng.random(plan.sample_size)
+  hidden = np.unique(threshold_kernel._sample_positions(plan)).size
   assert plan.sample_rank <= hidden < k  # so too few candidates pass
   indices, used_fallback = threshold_with_flag(x, plan)
   assert bool(used_fallback)
@@ -138,7 +140,7 @@ def _boundary_input(plan, num_candidates, seed):
   """
   rng = np.random.default_rng(seed)
   x = rng.random(plan.size).astype(np.float32)
-  sampled = np.unique(selection._sample_positions(plan))
+  sampled = np.unique(threshold_kernel._sample_positions(plan))
   big = rng.choice(sampled, num_candidates, replace=False)
   x[big] = np.where(rng.random(num_candidates) < 0.5, -10.0, 10.0)
   return x
@@ -163,7 +165,7 @@ def test_threshold_kernel_at_its_candidate_boundaries(num_candidates,
   x = _boundary_input(plan, num_candidates, seed=num_candidates)
   # The premise, in NumPy: the sampled magnitude of rank `sample_rank` is 10
   # and exactly `num_candidates` entries reach it.
-  sample = np.sort(np.abs(x[selection._sample_positions(plan)]))[::-1]
+  sample = np.sort(np.abs(x[threshold_kernel._sample_positions(plan)]))[::-1]
   assert sample[plan.sample_rank - 1] == 10.0
   assert np.count_nonzero(np.abs(x) >= 10.0) == num_candidates
   indices, used_fallback = threshold_with_flag(x, plan)
@@ -241,7 +243,7 @@ def test_threshold_kernel_stores_no_full_size_temporary():
   # the kernel must keep its temporaries far below the size of x.
   size, k = 1 << 20, 10000
   plan = selection.threshold_plan(size, k)
-  compiled = jax.jit(lambda v: selection._top_k_abs_threshold(v, plan)).lower(
+  compiled = jax.jit(lambda v: threshold_kernel._top_k_abs_threshold(v, plan)).lower(
       jax.ShapeDtypeStruct((size,), jnp.float32)).compile()
   temp_bytes = compiled.memory_analysis().temp_size_in_bytes
   assert temp_bytes < size * 4 // 4
@@ -266,7 +268,7 @@ def test_resolve_method():
 def test_threshold_plan_bounds():
   plan = selection.threshold_plan(10**7, 10**5)
   assert plan.k <= plan.capacity <= 2 * plan.k
-  assert plan.capacity % selection._ALIGN == 0
+  assert plan.capacity % selection_plan._ALIGN == 0
   assert 1 <= plan.sample_rank <= plan.sample_size
   small = selection.threshold_plan(10, 3)
   assert small.capacity >= small.size

@@ -384,3 +384,28 @@ def test_state_from_eager_init_can_be_donated():
   for _ in range(2):
     _, state = step(jax.tree.map(jnp.ones_like, params), state)
   assert gs.comm_stats(state)["steps"] == 2
+
+
+def test_the_segment_plan_is_worked_out_once_by_init(monkeypatch):
+  """init makes the plan; update, jit and the specs read it from the state."""
+  from gsparse_jax._src import segments
+  calls = []
+  make = segments._make_plan
+  monkeypatch.setattr(segments, "_make_plan",
+                      lambda *args: calls.append(args) or make(*args))
+  compressor = gs.top_k(0.5)
+  tx = gs.sparsify(compressor, granularity="layer")
+  params = {"b": jnp.zeros(3), "n": jnp.zeros(2, jnp.int32),
+            "w": jnp.zeros((2, 4))}
+  state = tx.init(params)
+  grads = {"b": jnp.ones(3), "n": jnp.ones(2, jnp.int32),
+           "w": jnp.arange(8.0).reshape(2, 4)}
+  out, state = jax.jit(tx.update)(grads, state)
+  gs.state_partition_specs(state, "data")
+  assert len(calls) == 1
+  # Static metadata: no array leaves, the same plan as the public function.
+  assert state.plan == gs.segment_plan(params, compressor, granularity="layer")
+  assert [(s.leaf_ids, s.size) for s in state.plan.segments] == [
+      ((0,), 3), ((2,), 8)]
+  assert not jax.tree.leaves(state.plan)
+  np.testing.assert_array_equal(out["w"], [[0, 0, 0, 0], [4, 5, 6, 7]])

@@ -38,11 +38,18 @@ class DataParallel(NamedTuple):
       caller's `jax.jit`. ``loss`` and ``aux`` are averaged over workers.
     param_specs: the parameters' `PartitionSpec` tree (``P()`` for
       replicated parameters).
+    worker_params: ``worker_params(params) -> params`` laid out as ``step``
+      takes them: placed as ``param_specs`` says, or, when ``tx`` keeps
+      per-worker parameters (`gsparse_jax.diloco`: the workers' parameters
+      differ between syncs), one copy per worker along a leading axis
+      sharded over the workers' axis (index it, e.g. ``p[0]``, for one
+      worker's parameters).
   """
 
   init: Callable[..., Any]
   step: Callable[..., Any]
   param_specs: Any
+  worker_params: Callable[..., Any] = None
 
 
 def _is_explicit(mesh) -> bool:
@@ -151,30 +158,59 @@ def data_parallel(loss_fn: Callable, tx: optax.GradientTransformation, *,
   has_aux = validation.boolean(has_aux, "has_aux")
   given_specs = param_specs
   pspecs = P() if param_specs is None else param_specs
+  # Whether tx's state says the parameters differ per worker (diloco).
+  per_worker_state = distributed.keeps_per_worker_params
 
   def full_specs(params):
     return distributed.full_param_specs(pspecs, params)
 
+  def step_specs(params, per_worker):
+    """The parameters' specs as the step takes them (per worker: a leading
+    worker axis in front)."""
+    specs = distributed.full_param_specs(
+        pspecs, params)
+    if not per_worker:
+      return specs
+    return jax.tree.map(lambda spec: P(axis_name, *spec), specs,
+                        is_leaf=lambda x: isinstance(x, P))
+
   def state_specs(opt_state):
     return distributed.state_partition_specs(opt_state, axis_name, given_specs)
+
+  def place(params, specs):
+    return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(
+        mesh, s)), params, specs)
 
   def init(params):
     if given_specs is None:
       _check_replicated(params, axis_name)
     specs = full_specs(params)
-    params = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(
-        mesh, s)), params, specs)
+    params = place(params, specs)
     out_specs = state_specs(jax.eval_shape(tx.init, params))
     return jax.jit(jax.shard_map(tx.init, mesh=mesh, in_specs=(specs,),
                                  out_specs=out_specs))(params)
 
+  def worker_params(params):
+    if given_specs is None:
+      _check_replicated(params, axis_name)
+    if not per_worker_state(jax.eval_shape(tx.init, params)):
+      return place(params, full_specs(params))
+    workers = mesh.shape[axis_name]
+    copies = jax.tree.map(
+        lambda x: jax.numpy.broadcast_to(x, (workers,) + x.shape), params)
+    return place(copies, step_specs(copies, True))
+
   grad_fn = distributed.local_value_and_grad(loss_fn, axis_name,
                                              has_aux=has_aux)
 
-  def local_step(params, opt_state, *batch):
+  def local_step(per_worker, params, opt_state, *batch):
+    if per_worker:
+      params = jax.tree.map(lambda x: x[0], params)
     value, grads = grad_fn(params, *batch)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
+    if per_worker:
+      params = jax.tree.map(lambda x: x[None], params)
     mean = functools.partial(jax.lax.pmean, axis_name=axis_name)
     if has_aux:
       loss, aux = value
@@ -182,14 +218,16 @@ def data_parallel(loss_fn: Callable, tx: optax.GradientTransformation, *,
     return params, opt_state, mean(value)
 
   def step(params, opt_state, *batch):
-    specs, opt_specs = full_specs(params), state_specs(opt_state)
+    per_worker = per_worker_state(opt_state)
+    specs, opt_specs = step_specs(params, per_worker), state_specs(opt_state)
     batch_specs = tuple(jax.tree.map(lambda _: P(axis_name), b)
                         for b in batch)
     params, opt_state, batch = lay_out((params, opt_state, batch),
                                         (specs, opt_specs, batch_specs), mesh)
     outputs = (specs, opt_specs, P()) + ((P(),) if has_aux else ())
-    return jax.shard_map(local_step, mesh=mesh,
+    return jax.shard_map(functools.partial(local_step, per_worker), mesh=mesh,
                          in_specs=(specs, opt_specs) + batch_specs,
                          out_specs=outputs)(params, opt_state, *batch)
 
-  return DataParallel(init=init, step=step, param_specs=pspecs)
+  return DataParallel(init=init, step=step, param_specs=pspecs,
+                      worker_params=worker_params)

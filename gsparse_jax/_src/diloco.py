@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from gsparse_jax._src import compressors
+from gsparse_jax._src import layout
 from gsparse_jax._src import transform
 from gsparse_jax._src import validation
 
@@ -52,6 +53,9 @@ class DiLoCoState(NamedTuple):
 
   # Read by `gsparse_jax.state_partition_specs`: sharded over the workers.
   per_worker_fields = ("inner_state",)
+  # Read by `gsparse_jax.data_parallel`: the workers' parameters differ
+  # between syncs, so it keeps a copy per worker.
+  per_worker_params = True
 
 
 def _check_transformation(tx, name: str) -> None:
@@ -139,7 +143,7 @@ def diloco(inner: optax.GradientTransformation,
     return DiLoCoState(
         count=jnp.zeros([], jnp.int32),
         anchor=jax.tree.map(lambda p: jnp.asarray(p).copy(), params),
-        inner_state=transform._per_worker(inner.init(params)),
+        inner_state=layout.per_worker(inner.init(params)),
         outer_state=outer.init(params),
         sync_state=sync.init(params))
 
@@ -151,7 +155,7 @@ def diloco(inner: optax.GradientTransformation,
       raise ValueError("diloco's update got a `state` that is not a "
                        f"DiLoCoState: {type(state).__name__}.")
     inner_updates, inner_state = inner.update(
-        updates, transform._local(state.inner_state), params)
+        updates, layout.local(state.inner_state), params)
     count = state.count + 1
 
     def synchronize(operands):
@@ -174,7 +178,7 @@ def diloco(inner: optax.GradientTransformation,
         (state.anchor, state.outer_state, state.sync_state))
     return new_updates, DiLoCoState(
         count=count, anchor=anchor,
-        inner_state=transform._per_worker(inner_state),
+        inner_state=layout.per_worker(inner_state),
         outer_state=outer_state, sync_state=sync_state)
 
   return optax.GradientTransformation(init_fn, update_fn)

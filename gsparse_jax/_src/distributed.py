@@ -9,6 +9,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from gsparse_jax._src import axes
+from gsparse_jax._src import layout
 from gsparse_jax._src import transform
 
 
@@ -34,10 +35,12 @@ def state_partition_specs(opt_state: Any, axis_name: str,
   * every parameter-shaped part of the chain (momentum, Adam's moments: a
     subtree with the parameters' tree structure) gets ``param_specs``;
   * under ``granularity="global"``, leaves sharded differently are
-    compressed as separate segments (`transform.group_leaves`), so the specs
+    compressed as separate segments (`gs.segment_plan`), so the specs
     describe the state as `init` builds it inside `shard_map`: given
     ``jax.eval_shape(tx.init, params)`` (one segment, the parameters'
     sharding unknown there) the returned tree has one entry per segment.
+    The state's `SegmentPlan` (static, without array leaves) stays in
+    the specs, as the plan of parameters laid out as ``param_specs``.
 
   The statistics stay ``P(axis_name)``: per worker, the same on all of its
   devices.
@@ -78,8 +81,8 @@ def state_partition_specs(opt_state: Any, axis_name: str,
   param_trees = []  # (treedef, full spec tree) of each parameter structure
   if param_specs is not None:
     for state in _sparsify_states(opt_state):
-      full = full_param_specs(param_specs, state.structure)
-      param_trees.append((jax.tree.structure(state.structure), full))
+      full = full_param_specs(param_specs, _params_like(state.plan))
+      param_trees.append((state.plan.treedef, full))
 
   def parameter_shaped(node):
     for treedef, full in param_trees:
@@ -145,6 +148,15 @@ def _check_wrappers(opt_state) -> None:
           f"parallelism: {why}.")
 
 
+def keeps_per_worker_params(opt_state: Any) -> bool:
+  """Whether a state holds a transformation whose parameters differ per
+  worker (its NamedTuple declares ``per_worker_params = True``, as
+  `diloco`'s does): `data_parallel` then keeps a copy per worker."""
+  marked = lambda node: getattr(node, "per_worker_params", False) is True
+  return any(marked(node)
+             for node in jax.tree.leaves(opt_state, is_leaf=marked))
+
+
 def _has_per_worker(node) -> bool:
   """A NamedTuple state declaring ``per_worker_fields``."""
   return isinstance(node, tuple) and hasattr(node, "_fields") and hasattr(
@@ -189,13 +201,18 @@ def spec_axes(spec: P) -> set[str]:
   return names
 
 
-def _segment_axes(state, axis_name, param_specs) -> list:
-  """Per segment of ``state``, the other axes its parameters vary over."""
-  num_segments = len(state.memory)
+def _params_like(plan):
+  """A pytree with the parameters' structure (placeholder leaves)."""
+  return jax.tree.unflatten(plan.treedef, [0] * len(plan.shapes))
+
+
+def _plan_under_specs(state, axis_name, param_specs):
+  """The plan `init` makes inside `shard_map` for parameters laid out as
+  ``param_specs`` (the state's own plan without them)."""
   if param_specs is None:
-    return [()] * num_segments
-  full = full_param_specs(param_specs, state.structure)
-  keys = []
+    return state.plan
+  full = full_param_specs(param_specs, _params_like(state.plan))
+  leaf_axes = []
   for (path, spec) in jax.tree_util.tree_flatten_with_path(
       full, is_leaf=_is_spec)[0]:
     names = spec_axes(spec)
@@ -206,40 +223,44 @@ def _segment_axes(state, axis_name, param_specs) -> list:
           f"{axis_name!r}. Compression runs over {axis_name!r}, so every "
           "worker must hold the whole parameter (its shards over other axes "
           f"at most): replicate it over {axis_name!r}.")
-    keys.append(tuple(sorted(names)))
-  ids = [i for i, leaf in enumerate(jax.tree.leaves(state.structure))
-         if transform.is_compressed_structure_leaf(leaf)]
-  per_leaf = transform.group_leaves(ids, keys, "layer")
-  grouped = transform.group_leaves(ids, keys, "global")
-  if num_segments == len(per_leaf):
-    return [keys[group[0]] for group in per_leaf]
-  if num_segments in (1, len(grouped)):  # global: as built outside/inside
-    return [keys[group[0]] for group in grouped]
-  raise ValueError(
-      f"state_partition_specs: the state has {num_segments} compressed "
-      f"segments, which fits neither a segment per leaf ({len(per_leaf)}) "
-      f"nor one per sharding of the leaves ({len(grouped)}) under "
-      "param_specs; pass the state of tx.init for these parameters.")
+    leaf_axes.append(tuple(sorted(names)))
+  return state.plan.with_leaf_axes(leaf_axes)
 
 
 def _sparsify_specs(state, axis_name, param_specs):
-  """The specs of one `SparsifyState` (see `state_partition_specs`)."""
-  segment_axes = _segment_axes(state, axis_name, param_specs)
-  # Outside shard_map, init cannot see the sharding and builds one global
-  # segment; inside, one per sharding: every segment's state has its form.
-  source = (range(len(segment_axes)) if len(segment_axes) == len(
-      state.memory) else [0] * len(segment_axes))
-  per_segment = lambda field, spec: tuple(
-      jax.tree.map(lambda _, s=spec(seg_axes): s, getattr(state, field)[i])
-      for i, seg_axes in zip(source, segment_axes))
-  per_worker = lambda seg_axes: transform.per_worker_spec(axis_name, seg_axes)
+  """The specs of one `SparsifyState` (see `state_partition_specs`).
+
+  Per segment of the plan under ``param_specs``, the specs follow the form
+  of the state's matching segment: the same one when the segments
+  correspond one to one, else the first of the same kind (kept dense or
+  compressed): outside shard_map, init cannot see the sharding and builds
+  one global segment; inside, one per sharding.
+  """
+  plan = _plan_under_specs(state, axis_name, param_specs)
+  built = state.plan.segments
+  same = len(built) == len(plan.segments)
+
+  def source(index, segment):
+    if same:
+      return index
+    return next(i for i, s in enumerate(built)
+                if s.kept_dense == segment.kept_dense)
+
+  def per_segment(field, spec):
+    return tuple(
+        jax.tree.map(lambda _, s=spec(segment.axes): s,
+                     getattr(state, field)[source(index, segment)])
+        for index, segment in enumerate(plan.segments))
+
   return transform.SparsifyState(
       count=P(),
-      memory=per_segment("memory", per_worker),
-      compressor_state=per_segment("compressor_state", per_worker),
-      shared_memory=per_segment("shared_memory", transform.shared_spec),
+      memory=per_segment(
+          "memory", lambda a: layout.per_worker_spec(axis_name, a)),
+      compressor_state=per_segment(
+          "compressor_state", lambda a: layout.per_worker_spec(axis_name, a)),
+      shared_memory=per_segment("shared_memory", layout.shared_spec),
       stats=jax.tree.map(lambda _: P(axis_name), state.stats),
-      structure=jax.tree.map(lambda _: P(), state.structure))
+      plan=plan)
 
 
 def local_value_and_grad(fun: Callable, axis_name: str,

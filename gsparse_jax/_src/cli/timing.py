@@ -40,14 +40,15 @@ def comm_seconds(compressor, param_leaves, granularity: str, workers: int,
     Seconds.
   """
   from gsparse_jax import cost_model  # pylint: disable=g-import-not-at-top
-  from gsparse_jax._src import transform  # pylint: disable=g-import-not-at-top
+  from gsparse_jax import segment_plan  # pylint: disable=g-import-not-at-top
 
   return sum(
       cost_model.project_compressor(
           segment.compressor, segment.size, workers, network,
           bytes_per_value=2 if _itemsize(segment.wire_dtype) == 2 else 4
       ).communication_s
-      for segment in transform.plan(param_leaves, granularity, compressor))
+      for segment in segment_plan(
+          param_leaves, compressor, granularity=granularity).segments)
 
 
 def _itemsize(dtype) -> int:

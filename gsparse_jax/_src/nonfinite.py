@@ -1,0 +1,63 @@
+"""Steps with a non-finite gradient: detected on every device, skipped
+on every worker (``sparsify(..., nonfinite="skip")``) or raised.
+
+A skipped step keeps the state bit for bit and outputs zeros. Both are
+selects on the step's results, not a `lax.cond` around the step: XLA fuses
+each select into the computation of its result (the old value is read there
+anyway), while a conditional materializes its operands and results around
+the branch computations (on XLA:CPU several full copies of the gradient).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from gsparse_jax._src import axes
+
+NONFINITE = ("skip", "raise", "ignore")
+
+
+def all_finite(grads, axis_names, nonfinite) -> jax.Array:
+  """Whether every device's gradient is finite (the same answer everywhere).
+
+  Summed over the workers' and inner axes and every other axis a shard
+  varies over: a NaN in one tensor-parallel shard skips the step on every
+  device, so replicated leaves stay identical.
+  """
+  if nonfinite == "ignore" or not grads:
+    return jnp.asarray(True)
+  # sum(g - g) is NaN iff g holds a NaN or inf (and never overflows); an
+  # arithmetic reduction is faster on XLA:CPU than counting a comparison,
+  # and unlike `g * 0.0` it does not make XLA:CPU materialize a broadcast
+  # zero operand of the gradient's size.
+  bad = sum((~jnp.isfinite(jnp.sum(g - g))).astype(jnp.int32)
+            for g in grads)
+  bad = axes.sum_everywhere(bad, [a for a in axis_names if a is not None])
+  if nonfinite == "raise":
+    jax.debug.callback(_raise_if_bad, bad > 0)
+  return bad == 0
+
+
+def keep_if_skipped(applied: jax.Array, new, old):
+  """``new`` or (``applied`` false) ``old``, leaf by leaf, bit for bit."""
+  return jax.tree.map(lambda n, o: jnp.where(applied, n, o), new, old)
+
+
+def zero_if_skipped(outputs, leaf_ids, applied):
+  """Zeros for the leaves ``leaf_ids`` of ``outputs`` in a skipped step.
+
+  Leaf by leaf, after the segments are cut back into leaves: a select over
+  a whole segment would make XLA materialize its concatenation, which it
+  otherwise folds away (a slice of a concatenate is the leaf itself).
+  """
+  leaves, treedef = jax.tree.flatten(outputs)
+  for i in leaf_ids:
+    leaves[i] = jnp.where(applied, leaves[i], jnp.zeros_like(leaves[i]))
+  return jax.tree.unflatten(treedef, leaves)
+
+
+def _raise_if_bad(bad):
+  if bad:
+    raise FloatingPointError(
+        "gsparse_jax.sparsify: non-finite gradient (nonfinite='raise').")
