@@ -258,13 +258,50 @@ def test_nnx_shard_keeps_tensor_parallel_annotations():
                                 model.kernel.get_value())
 
 
-def test_annotated_params_with_a_sparsify_optimizer_raise_clearly():
+@pytest.mark.optax_promotion  # optax (adam) is not strict-clean
+def test_tensor_parallel_nnx_optimizer_matches_the_functional_step():
+  """A kernel annotated over "model" with a sparsify optimizer: nnx_shard
+  rebuilds the optimizer state per shard, and nnx_data_parallel trains as
+  gs.data_parallel does on the pure parameters with param_specs."""
+  mesh = jax.make_mesh((4, 2), (AXIS, "model"))
+  spec = P(None, "model")
+  with jax.set_mesh(mesh):
+    model = nnx.Linear(4, 6, use_bias=False, rngs=nnx.Rngs(0),
+                       kernel_init=nnx.with_partitioning(
+                           nnx.initializers.lecun_normal(), (None, "model")))
+    optimizer = nnx.Optimizer(model, _tx(), wrt=nnx.Param)
+  kernel = np.asarray(model.kernel.get_value())
+  square = lambda out: jax.lax.psum(jnp.sum(out ** 2), "model")
+  dp = gs.nnx_data_parallel(lambda m, x: square(m(x)), mesh=mesh)
+  dp.init(model, optimizer)
+  memory = optimizer.opt_state[0].memory[0]
+  assert memory.sharding.spec == P((AXIS, "model"))
+  assert memory.shape == (8, 12)  # a 4x3 shard per device
+  functional = gs.data_parallel(lambda p, x: square(x @ p["kernel"]), _tx(),
+                                mesh=mesh, param_specs={"kernel": spec})
+  params = {"kernel": jnp.asarray(kernel)}
+  opt_state = functional.init(params)
+  step = jax.jit(functional.step)
+  x = jax.random.normal(jax.random.key(3), (16, 4))
+  train_step = nnx.jit(dp.step)
+  for _ in range(3):
+    float(train_step(model, optimizer, x))
+    params, opt_state, _ = step(params, opt_state, x)
+    jax.block_until_ready(params)
+  assert model.kernel.get_value().sharding.spec == spec
+  np.testing.assert_allclose(model.kernel.get_value(), params["kernel"],
+                             rtol=1e-6, atol=1e-7)
+  assert not np.allclose(params["kernel"], kernel)
+  nnx_stats, stats = gs.comm_stats(nnx.state(optimizer)), gs.comm_stats(
+      opt_state)
+  for key in ("steps", "sent_bytes", "dense_bytes", "workers"):
+    assert nnx_stats[key] == stats[key], key
+  assert stats["steps"] == 3 and stats["workers"] == 4
+
+
+def test_annotations_over_the_workers_axis_are_refused():
   mesh = jax.make_mesh((4, 2), (AXIS, "model"))
   model = _annotated_linear(mesh, annotate=False)
-  optimizer = nnx.Optimizer(model, _tx(), wrt=nnx.Param)
-  model.kernel.set_metadata(out_sharding=(None, "model"))
-  with pytest.raises(ValueError, match=r"tensor parallel.*gs.data_parallel"):
-    gs.nnx_shard((model, optimizer), mesh, AXIS)
   model.kernel.set_metadata(out_sharding=(AXIS, None))
   with pytest.raises(ValueError, match="workers' axis 'data'"):
     gs.nnx_partition_specs(model, AXIS)

@@ -80,7 +80,7 @@ def state_partition_specs(opt_state: Any, axis_name: str,
   _check_wrappers(opt_state)
   param_trees = []  # (treedef, full spec tree) of each parameter structure
   if param_specs is not None:
-    for state in _sparsify_states(opt_state):
+    for state in sparsify_states(opt_state):
       full = full_param_specs(param_specs, _params_like(state.plan))
       param_trees.append((state.plan.treedef, full))
 
@@ -140,7 +140,7 @@ def _check_wrappers(opt_state) -> None:
   wrappers = tuple(_UNSUPPORTED_WRAPPERS)
   for node in jax.tree.leaves(opt_state,
                               is_leaf=lambda n: isinstance(n, wrappers)):
-    if isinstance(node, wrappers) and _sparsify_states(tuple(node)):
+    if isinstance(node, wrappers) and sparsify_states(tuple(node)):
       wrapper, why = _UNSUPPORTED_WRAPPERS[type(node)]
       raise ValueError(
           f"state_partition_specs: the state holds a gsparse_jax.sparsify "
@@ -167,7 +167,7 @@ def _is_spec(x) -> bool:
   return isinstance(x, P)
 
 
-def _sparsify_states(tree) -> list:
+def sparsify_states(tree) -> list:
   return [node for node in jax.tree.leaves(
       tree, is_leaf=lambda n: isinstance(n, transform.SparsifyState))
           if isinstance(node, transform.SparsifyState)]
@@ -199,6 +199,14 @@ def spec_axes(spec: P) -> set[str]:
     names.update((entry,) if isinstance(entry, str) else
                  (a for a in (entry or ()) if isinstance(a, str)))
   return names
+
+
+def needs_sharded_init(opt_state, axis_name: str, param_specs) -> bool:
+  """Whether a `sparsify` state in ``opt_state`` was planned without the
+  sharding ``param_specs`` gives its parameters (built outside
+  `shard_map`): its segments then differ from those `init` makes inside."""
+  return any(_plan_under_specs(state, axis_name, param_specs).leaf_axes
+             != state.plan.leaf_axes for state in sparsify_states(opt_state))
 
 
 def _params_like(plan):

@@ -58,27 +58,95 @@ def _path_entry(key) -> Any:
   raise TypeError(f"unexpected pytree key {key!r}")
 
 
-def _per_worker_paths(node, axis_name: str) -> set[tuple]:
-  """State paths of the per-worker leaves of every `nnx.Optimizer` in node."""
+def _optimizers(node) -> list:
+  """``(path, optimizer)`` of every `nnx.Optimizer` in ``node``."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
-  paths = set()
-  for prefix, child in nnx.iter_graph(node):
-    if not isinstance(child, nnx.Optimizer):
+  return [(tuple(prefix), child) for prefix, child in nnx.iter_graph(node)
+          if isinstance(child, nnx.Optimizer)]
+
+
+def _parameter_specs(node, optimizer):
+  """``(module, specs)``: the module whose parameters ``optimizer`` updates
+  and their sharding annotations (a pure `PartitionSpec` tree), or None
+  when none is annotated.
+
+  The parameters are those of a module in ``node`` whose ``wrt`` state has
+  the structure the optimizer's `sparsify` state was planned for.
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  plans = [state.plan for state in distributed.sparsify_states(
+      nnx.as_pure(optimizer.opt_state))]
+  if not plans:
+    return None
+  for _, module in nnx.iter_graph(node):
+    if not isinstance(module, nnx.Module):
       continue
+    params = nnx.as_pure(nnx.state(module, optimizer.wrt))
+    if not plans[0].matches(jax.tree.structure(params)):
+      continue
+    specs = nnx.as_pure(nnx.get_partition_spec(nnx.state(module,
+                                                         optimizer.wrt)))
+    specs = jax.tree.map(lambda s: s if isinstance(s, P) else P(), specs,
+                         is_leaf=lambda s: isinstance(s, P) or s is None)
+    if all(all(e is None for e in spec) for spec in jax.tree.leaves(
+        specs, is_leaf=lambda s: isinstance(s, P))):
+      return None
+    return module, specs
+  return None
+
+
+def _optimizer_specs(node, axis_name: str) -> dict[tuple, P]:
+  """Specs of the non-replicated leaves of every `nnx.Optimizer` state in
+  ``node``: per-worker leaves over the workers' axis (and, for tensor
+  parallel parameters, their other axes), parameter-shaped state (Adam's
+  moments) as the parameters' annotations."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  found = {}
+  for prefix, optimizer in _optimizers(node):
     # NNX keeps the optax state's structure in `opt_state` and stores it in
     # the flat state under the same entries (NamedTuple fields by name).
+    annotated = _parameter_specs(node, optimizer)
     specs = distributed.state_partition_specs(
-        nnx.as_pure(child.opt_state), axis_name)
+        nnx.as_pure(optimizer.opt_state), axis_name,
+        None if annotated is None else annotated[1])
     for path, spec in jax.tree_util.tree_flatten_with_path(specs)[0]:
       if spec != P():
-        paths.add(tuple(prefix) + ("opt_state",)
-                  + tuple(_path_entry(k) for k in path))
-  return paths
+        found[prefix + ("opt_state",)
+              + tuple(_path_entry(k) for k in path)] = spec
+  return found
 
 
-def _annotated_specs(node, axis_name: str, per_worker: set[tuple]
-                     ) -> dict[tuple, P]:
+def _shard_optimizers(node, mesh, axis_name: str) -> None:
+  """Rebuilds, inside `jax.shard_map`, the state of every optimizer whose
+  parameters are annotated (tensor parallel) and whose `sparsify` state
+  was planned without their sharding (as `nnx.Optimizer` builds it,
+  outside): each device then holds its own shards' error memory."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from flax.nnx.training import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+
+  for _, optimizer in _optimizers(node):
+    annotated = _parameter_specs(node, optimizer)
+    if annotated is None:
+      continue
+    module, param_specs = annotated
+    pure = nnx.as_pure(optimizer.opt_state)
+    if not distributed.needs_sharded_init(pure, axis_name, param_specs):
+      continue
+    params = jax.tree.map(
+        lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec)),
+        nnx.as_pure(nnx.state(module, optimizer.wrt)), param_specs)
+    out_specs = distributed.state_partition_specs(
+        jax.eval_shape(optimizer.tx.init, params), axis_name, param_specs)
+    state = jax.jit(jax.shard_map(optimizer.tx.init, mesh=mesh,
+                                  in_specs=(param_specs,),
+                                  out_specs=out_specs))(params)
+    optimizer.opt_state = nnx.data(optimizer_lib.to_opt_state(state))
+
+
+def _annotated_specs(node, axis_name: str) -> dict[tuple, P]:
   """The sharding annotations of the variables outside optimizers."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
@@ -99,15 +167,6 @@ def _annotated_specs(node, axis_name: str, per_worker: set[tuple]
           f"over the workers' axis {axis_name!r}; every worker must hold "
           f"the whole parameter: annotate it over other axes only.")
     annotated[path] = spec
-  if annotated and per_worker:
-    path, spec = next(iter(annotated.items()))
-    raise ValueError(
-        f"nnx_partition_specs: variable {path} is sharded as {spec} (its "
-        "sharding annotation, tensor parallel), and the optimizer's "
-        "compressed state would then have to be built per shard inside "
-        "shard_map, which the NNX helpers do not do yet. Use "
-        "gs.data_parallel(loss_fn, tx, mesh=..., param_specs=...) on the "
-        "model's pure state (nnx.split), or replicate the parameters.")
   return annotated
 
 
@@ -119,9 +178,11 @@ def nnx_partition_specs(node: Any, axis_name: str) -> Any:
   them: error memory, compressor state, statistics, accumulators) get
   ``P(axis_name)``; a variable with a sharding annotation (e.g. from
   ``nnx.with_partitioning``) keeps its ``PartitionSpec`` (tensor
-  parallelism over other mesh axes); every other leaf (replicated
-  parameters, the rest of the optimizer state, other variables) gets
-  ``P()``.
+  parallelism over other mesh axes), and the optimizer state follows it as
+  `state_partition_specs` does with ``param_specs`` (per-shard error
+  memory ``P((axis_name, "model"))``, Adam's moments as annotated); every
+  other leaf (replicated parameters, the rest of the optimizer state,
+  other variables) gets ``P()``.
 
   Args:
     node: NNX objects, e.g. ``(model, optimizer)``.
@@ -133,21 +194,18 @@ def nnx_partition_specs(node: Any, axis_name: str) -> Any:
     `jax.shard_map`.
 
   Raises:
-    ValueError: when an annotation shards over ``axis_name``, or annotated
-      (tensor-parallel) parameters come with an optimizer holding a
-      `sparsify` state (not supported by the NNX helpers yet; see
-      `gsparse_jax.data_parallel` with ``param_specs``).
+    ValueError: when an annotation shards over ``axis_name``.
   """
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
-  per_worker = _per_worker_paths(node, axis_name)
-  annotated = _annotated_specs(node, axis_name, per_worker)
+  optimizer_specs = _optimizer_specs(node, axis_name)
+  annotated = _annotated_specs(node, axis_name)
   flat = nnx.to_flat_state(nnx.state(node))
 
   def spec(path):
     path = tuple(path)
-    if path in per_worker:
-      return P(axis_name)
+    if path in optimizer_specs:
+      return optimizer_specs[path]
     return annotated.get(path, P())
 
   return nnx.from_flat_state([(path, variable.replace(spec(path)))
@@ -162,7 +220,11 @@ def nnx_shard(node: Any, mesh: jax.sharding.Mesh, axis_name: str
   axis of one slice per worker and sharded over ``axis_name``; a leaf that
   still has the single slice ``tx.init`` gives (every worker starts from the
   same state) is copied to each worker. Annotated variables are sharded as
-  annotated (tensor parallel); other leaves are replicated.
+  annotated (tensor parallel); other leaves are replicated. An optimizer
+  whose parameters are annotated has its state rebuilt first, inside
+  `jax.shard_map` (``nnx.Optimizer`` builds it outside, where the sharding
+  is unknown), so each device holds its own shards' error memory; a state
+  already built so (a second call) is kept.
 
   Args:
     node: NNX objects, e.g. ``(model, optimizer)``.
@@ -176,6 +238,7 @@ def nnx_shard(node: Any, mesh: jax.sharding.Mesh, axis_name: str
   """
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
+  _shard_optimizers(node, mesh, axis_name)
   specs = nnx_partition_specs(node, axis_name)
   graphdef, state = nnx.split(node)
   workers = mesh.shape[axis_name]
