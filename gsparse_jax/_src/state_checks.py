@@ -81,7 +81,9 @@ def plan_for_update(updates, plan, axis_name) -> segments_lib.SegmentPlan:
       raise ValueError(
           f"sparsify: `updates` leaf {path_name(path)} has {size} entries "
           f"(shape {tuple(leaf.shape)}); the state was initialized for "
-          f"{segments_lib.leaf_size(shape)} (shape {shape}).")
+          f"{segments_lib.leaf_size(shape)} (shape {shape}). Under shard_map "
+          "call init inside it with the parameters' in_specs, and restore "
+          "checkpoints into a target built the same way.")
     if segments_lib.is_compressible(leaf.dtype, leaf.shape) != (
         segments_lib.is_compressible(dtype, shape)):
       raise ValueError(
