@@ -24,7 +24,7 @@ from gsparse_jax._src.distributed import local_grad
 from gsparse_jax._src.distributed import local_value_and_grad
 from gsparse_jax._src.distributed import state_partition_specs
 from gsparse_jax._src.nnx_helpers import nnx_data_parallel
-from gsparse_jax._src.nnx_helpers import nnx_local_value_and_grad
+from gsparse_jax._src.nnx_grad import nnx_local_value_and_grad
 from gsparse_jax._src.nnx_helpers import nnx_partition_specs
 from gsparse_jax._src.nnx_helpers import nnx_shard
 from gsparse_jax._src.payload import Payload
