@@ -60,15 +60,34 @@ class Settings:
   accumulate: int
   simulate: bool
   eval_every: int
+  # DiLoCo (--diloco H): local steps, the compressed pseudo-gradient every
+  # `sync_every` steps; None: data parallelism (every step communicates).
+  sync_every: Optional[int] = None
+  outer_lr: float = 0.7
+  outer_momentum: float = 0.9
+
+
+def outer_optimizer(settings: Settings) -> optax.GradientTransformation:
+  """DiLoCo's outer optimizer: SGD, Nesterov momentum unless it is 0."""
+  momentum = settings.outer_momentum or None
+  return optax.sgd(settings.outer_lr, momentum=momentum,
+                   nesterov=momentum is not None)
 
 
 def make_tx(compressor: gs.Compressor, settings: Settings
             ) -> optax.GradientTransformation:
-  """``optax.chain(gs.sparsify(...), optimizer)``, accumulated if asked."""
+  """``optax.chain(gs.sparsify(...), optimizer)``, accumulated if asked;
+  under DiLoCo ``gs.diloco(optimizer, outer, compressor=...)``."""
+  optimizer = OPTIMIZERS[settings.optimizer](settings.lr)
+  if settings.sync_every is not None:
+    return gs.diloco(optimizer, outer_optimizer(settings),
+                     sync_every=settings.sync_every, compressor=compressor,
+                     feedback=settings.feedback, axis_name=AXIS,
+                     granularity=settings.granularity)
   tx = optax.chain(
       gs.sparsify(compressor, feedback=settings.feedback, axis_name=AXIS,
                   granularity=settings.granularity),
-      OPTIMIZERS[settings.optimizer](settings.lr))
+      optimizer)
   return (gs.multi_steps(tx, settings.accumulate) if settings.accumulate > 1
           else tx)
 
@@ -145,13 +164,20 @@ class Run:
                               wrt=nnx.Param)
     if settings.simulate:
       # One device; per-worker leaves get one slice per worker, as under
-      # shard_map, and everything else stays unbatched.
+      # shard_map, and everything else stays unbatched (under DiLoCo, where
+      # the parameters are per worker, everything else gets a copy per
+      # worker: `_mapped_step` maps every leaf).
       self.mesh = None
       self.specs = gs.nnx_partition_specs((model, optimizer), AXIS)
       self.graphdef, state = nnx.split((model, optimizer))
+      copies = lambda leaf: jax.numpy.broadcast_to(
+          leaf, (settings.workers,) + leaf.shape)
       self.state = jax.tree.map(
-          lambda leaf, spec: leaf if spec == P() else jax.numpy.repeat(
-              leaf, settings.workers, axis=0), state, self.specs)
+          lambda leaf, spec: (
+              jax.numpy.repeat(leaf, settings.workers, axis=0)
+              if spec != P() else
+              copies(leaf) if settings.sync_every is not None else leaf),
+          state, self.specs)
     else:
       self.mesh = jax.make_mesh((settings.workers,), (AXIS,),
                                 devices=list(devices)[:settings.workers])
@@ -208,7 +234,16 @@ class Run:
     """Held-out (loss, accuracy) of the current parameters, on one device."""
     # Host copies of the model's part of the state (nnx.split of (model,
     # optimizer)): the score does not depend on how the state is sharded.
-    loss, accuracy = self._evaluate(jax.device_get(self.state[0]))
+    model_state = self.state[0]
+    if self.settings.sync_every is not None:
+      # DiLoCo: the anchor (the synced parameters, every worker's copy the
+      # same), with worker 0's other variables.
+      from flax import nnx  # pylint: disable=g-import-not-at-top
+      first = lambda tree: jax.tree.map(lambda leaf: leaf[0], tree)
+      model_state = nnx.merge_state(
+          first(nnx.as_pure(model_state)),
+          first(nnx.as_pure(self.state[1]["opt_state"]).anchor))
+    loss, accuracy = self._evaluate(jax.device_get(model_state))
     return float(loss), float(accuracy)
 
   def compile_on(self, pool) -> None:
@@ -386,7 +421,10 @@ def _mapped_step(graphdef, specs, task, settings, mesh):
         in_specs=(specs, P(AXIS), P(AXIS)),
         out_specs=(specs, P()))
   mask = jax.tree.map(lambda spec: spec != P(), specs)
-  axes = jax.tree.map(lambda per_worker: 0 if per_worker else None, mask)
+  # Under DiLoCo every leaf has a copy per worker (`Run`).
+  everything = settings.sync_every is not None
+  axes = jax.tree.map(
+      lambda per_worker: 0 if per_worker or everything else None, mask)
 
   def worker(state, x, y):
     # vmap drops the worker axis; sparsify keeps a local one of size 1.
