@@ -169,7 +169,8 @@ def run(args) -> int:
   from gsparse_jax._src.cli import timing  # pylint: disable=g-import-not-at-top
   from gsparse_jax._src.cli import training  # pylint: disable=g-import-not-at-top
 
-  # One thread compiles the steps in order while the runs before train.
+  # One thread traces and compiles the steps in order while the runs
+  # before train.
   with concurrent.futures.ThreadPoolExecutor(1) as pool, \
       _progress() as progress:
     trainings, outcomes = {}, {}

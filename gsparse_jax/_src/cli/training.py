@@ -247,18 +247,26 @@ class Run:
     return float(loss), float(accuracy)
 
   def compile_on(self, pool) -> None:
-    """Lowers the chunk of `Settings.eval_every` steps here and compiles it
-    on ``pool`` (a thread pool), so that it compiles while other runs
-    train; `train` waits for it.
+    """Lowers and compiles the chunk of `Settings.eval_every` steps on
+    ``pool`` (a thread pool), so that it compiles while other runs train;
+    `train` waits for it.
 
-    XLA compiles without holding Python's lock, so a compilation and the
-    training loop of another run share the cores. The lowering (tracing)
-    stays on the calling thread, with its JAX configuration.
+    Tracing holds Python's lock only part of the time and XLA compiles
+    without it, so the compilation and the training loop of another run
+    share the cores. The caller's dtype promotion rule (a thread-local JAX
+    setting, e.g. ``jax.numpy_dtype_promotion("standard")``) holds in the
+    pool's thread too.
     """
     if self._key not in _EXECUTABLES:
       xs, ys = self._placed_chunk(0, self.settings.eval_every)
-      lowered = self._jitted.chunk.lower(self.state, xs, ys)
-      _EXECUTABLES[self._key] = pool.submit(lowered.compile)
+      state, chunk = self.state, self._jitted.chunk
+      promotion = jax.config.jax_numpy_dtype_promotion
+
+      def lower_and_compile():
+        with jax.numpy_dtype_promotion(promotion):
+          return chunk.lower(state, xs, ys).compile()
+
+      _EXECUTABLES[self._key] = pool.submit(lower_and_compile)
 
   def _chunk(self, state, xs, ys):
     """``len(xs)`` steps in one call (a `lax.scan`): the executable
