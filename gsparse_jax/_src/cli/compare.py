@@ -15,6 +15,7 @@ import concurrent.futures
 import dataclasses
 import json
 import os
+import threading
 
 from gsparse_jax._src.cli import common
 from gsparse_jax._src.cli.specs import Spec, check_options, parse_compressors
@@ -149,8 +150,12 @@ def run(args) -> int:
   _check_checkpoints(args, run_settings)
 
   # Everything is valid: only now is anything computed or written.
+  from gsparse_jax._src.cli import figures  # pylint: disable=g-import-not-at-top
   from gsparse_jax._src.cli import tasks  # pylint: disable=g-import-not-at-top
 
+  # matplotlib (a second of Python) imports on another thread while XLA,
+  # without Python's lock, compiles the first model's initialization.
+  threading.Thread(target=figures._pyplot, daemon=True).start()  # pylint: disable=protected-access
   try:
     task = tasks.load_task(args.task)
   except ValueError as error:
@@ -196,7 +201,6 @@ def run(args) -> int:
   path = os.path.join(args.out, "results.json")
   with open(path, "w") as f:
     json.dump(results, f, indent=1)
-  from gsparse_jax._src.cli import figures  # pylint: disable=g-import-not-at-top
   from gsparse_jax._src.cli import report  # pylint: disable=g-import-not-at-top
   pngs = figures.write_figures(args.out, results, task.metric)
   report.print_table(results, task.metric)
