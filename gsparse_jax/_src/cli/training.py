@@ -190,6 +190,7 @@ class Run:
       _COMPILED[key] = _compile(self.graphdef, self.specs, task, settings,
                                 self.mesh)
     self._key, self._jitted = key, _COMPILED[key]
+    self._warm = False  # whether the chunk of eval_every steps has run
     # The held-out score does not depend on the compressor or the workers.
     key = (task.name, self.model_graphdef)
     if key not in _EVALUATE:
@@ -272,22 +273,26 @@ class Run:
     """``len(xs)`` steps in one call (a `lax.scan`): the executable
     `compile_on` made for `Settings.eval_every` steps, else the jit."""
     future = _EXECUTABLES.get(self._key)
-    if future is None or len(xs) != self.settings.eval_every:
+    if len(xs) != self.settings.eval_every:
       return self._jitted.chunk(state, xs, ys)
-    return future.result()(state, xs, ys)
+    self._warm = True
+    return (self._jitted.chunk if future is None else future.result())(
+        state, xs, ys)
 
   def time_step(self, steps: int = 30) -> float:
     """Seconds per step of the compiled training, blocking on each call.
 
     Times calls of the chunk of `Settings.eval_every` steps (the calls the
     training makes) on the current state and the batches from step 0,
-    enough of them for ``steps`` steps and at least 3, after one warm-up
-    call; returns the median call over the chunk's length. Discards their
-    results: the run's state, and so its figures, do not change.
+    enough of them for ``steps`` steps and at least 3, after a warm-up call
+    unless the run has trained in chunks already; returns the median call
+    over the chunk's length. Discards their results: the run's state, and
+    so its figures, do not change.
     """
     length = self.settings.eval_every
     xs, ys = self._placed_chunk(0, length)
-    jax.block_until_ready(self._chunk(self.state, xs, ys))  # warm-up
+    if not self._warm:
+      jax.block_until_ready(self._chunk(self.state, xs, ys))
     seconds = []
     for _ in range(max(3, -(-steps // length))):
       began = time.perf_counter()
