@@ -6,7 +6,8 @@ on the same batches, with N workers (the devices of a mesh under
 accuracy or loss, bytes per step per worker, compression, projected
 communication and step time at a chosen bandwidth, projected time to a
 target metric, wall time) and a one-line verdict, and writes results.json
-and PNG plots into --out.
+and PNG plots into --out. With ``--diloco H`` every compressor is instead
+the pseudo-gradient payload of `gs.diloco` (a sync every H steps).
 """
 
 from __future__ import annotations
