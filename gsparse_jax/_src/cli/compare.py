@@ -336,9 +336,9 @@ def _check_checkpoints(args, run_settings: dict) -> None:
   does not overwrite checkpoints. Reads only."""
   if args.checkpoint_dir is None:
     return
-  from gsparse_jax._src.cli import training  # pylint: disable=g-import-not-at-top
+  from gsparse_jax._src.cli import checkpoints as checkpoints_lib  # pylint: disable=g-import-not-at-top
 
-  metas = {run: training.read_checkpoint_meta(_run_dir(args, *run))
+  metas = {run: checkpoints_lib.read_checkpoint_meta(_run_dir(args, *run))
            for run in run_settings}
   found = {f"{name} (seed {seed})": (meta, run_settings[name, seed])
            for (name, seed), meta in metas.items() if meta is not None}
@@ -378,12 +378,12 @@ def _sample_gradient(task, seed):
 
 def _run_one(name, seed, run, compressor, settings, args, progress) -> dict:
   import gsparse_jax as gs  # pylint: disable=g-import-not-at-top
+  from gsparse_jax._src.cli import checkpoints as checkpoints_lib  # pylint: disable=g-import-not-at-top
   from gsparse_jax._src.cli import timing  # pylint: disable=g-import-not-at-top
-  from gsparse_jax._src.cli import training  # pylint: disable=g-import-not-at-top
 
   checkpoints, start, curves, wall_s = None, 0, None, 0.0
   if args.checkpoint_dir is not None:
-    checkpoints = training.Checkpoints(
+    checkpoints = checkpoints_lib.Checkpoints(
         _run_dir(args, name, seed), args.checkpoint_every,
         dataclasses.asdict(settings))
     if args.resume and checkpoints.latest_step() is not None:

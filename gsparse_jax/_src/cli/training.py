@@ -8,18 +8,18 @@ devices of a mesh under `jax.shard_map`, or, simulated, the entries of a
 leaves with a leading axis of one slice per worker), so the Orbax
 checkpoints hold every worker's error memory.
 
-The run checkpoints its whole state, the step (its data position: batches
-are a function of the step) and its curves, so a resumed run ends with the
-same figures, bit for bit, as one that was never stopped.
+The run checkpoints (`checkpoints.Checkpoints`) its whole state, the step
+(its data position: batches are a function of the step) and its curves, so
+a resumed run ends with the same figures, bit for bit, as one that was
+never stopped.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import time
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -303,8 +303,9 @@ class Run:
   def train(self, steps: int, *, start: int = 0,
             curves: Optional[Curves] = None, wall_s: float = 0.0,
             on_step: Callable[[Progress], None] = lambda p: None,
-            checkpoints: Optional["Checkpoints"] = None) -> Outcome:
-    """Trains from step ``start`` (its state and curves) up to ``steps``.
+            checkpoints=None) -> Outcome:
+    """Trains from step ``start`` (its state and curves) up to ``steps``,
+    saving into ``checkpoints`` (a `checkpoints.Checkpoints`) when given.
 
     The steps between two evaluations run as one call (`lax.scan`), without
     a host round trip per step; a stretch with a checkpoint inside it, or
@@ -449,80 +450,3 @@ def _mapped_step(graphdef, specs, task, settings, mesh):
 
   return jax.vmap(worker, in_axes=(axes, 0, 0), out_axes=(axes, None),
                   axis_name=AXIS)
-
-
-class Checkpoints:
-  """The Orbax checkpoints of one run, in their own directory.
-
-  Each checkpoint holds the NNX state (parameters and the whole optax state:
-  every worker's error memory, compressor state and statistics) and, as
-  JSON, the step, the curves, the wall time so far and the run's settings.
-
-  Args:
-    directory: where the run's checkpoints live (created on first save).
-    every: save every this many steps (and at the last step).
-    settings: the run's `Settings` (as a dict), saved to check a resume.
-  """
-
-  def __init__(self, directory: str, every: int, settings: dict):
-    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
-    self._ocp, self.every, self.settings = ocp, every, settings
-    self.manager = ocp.CheckpointManager(
-        os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(max_to_keep=2))
-
-  def due(self, step: int, steps: int) -> bool:
-    return step % self.every == 0 or step == steps
-
-  def save(self, step: int, state, curves: Curves, wall_s: float) -> None:
-    ocp = self._ocp
-    # Copies: the run keeps appending to its curves while Orbax writes.
-    meta = {"step": step, "wall_s": wall_s, "settings": dict(self.settings),
-            "curves": {k: list(v) for k, v in curves._asdict().items()}}
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
-
-  def latest_step(self) -> Optional[int]:
-    return self.manager.latest_step()
-
-  def restore(self, like_state) -> tuple[Any, Curves, float, int]:
-    """(state, curves, wall_s, step) of the latest checkpoint.
-
-    ``like_state``: a state of the same structure, shapes and shardings.
-    """
-    ocp = self._ocp
-    step = self.manager.latest_step()
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract),
-        meta=ocp.args.JsonRestore()))
-    meta = restored.meta
-    return (restored.state, Curves(**meta["curves"]), meta["wall_s"],
-            meta["step"])
-
-  def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
-
-
-def read_checkpoint_meta(directory: str) -> Optional[dict]:
-  """The JSON part of the latest checkpoint in ``directory`` (None if none).
-
-  Reads only: used to check a ``--resume`` before anything is written.
-  """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
-  if not os.path.isdir(directory):
-    return None
-  manager = ocp.CheckpointManager(
-      os.path.abspath(directory),
-      options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-  try:
-    step = manager.latest_step()
-    if step is None:
-      return None
-    return manager.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore())).meta
-  finally:
-    manager.close()
