@@ -210,6 +210,59 @@ def test_simulated_workers_match_shard_map(compared, tmp_path):
                              shard_map["curves"]["loss"], rtol=1e-4)
 
 
+# DiLoCo with a sync every 4 steps: 4 syncs in 16 steps.
+DILOCO = ["--diloco", 4, "--steps", 16, *TINY]
+
+
+@pytest.fixture(scope="module")
+def diloco_compared(tmp_path_factory):
+  """results.json of `compare --diloco 4` of dense and top_k."""
+  out = tmp_path_factory.mktemp("diloco")
+  assert gsparse("compare", "--compressors", "dense,top_k", *DILOCO,
+                 "--out", out) == 0
+  return _results(out)
+
+
+def test_diloco_sends_once_per_sync(diloco_compared):
+  config, runs = diloco_compared["config"], diloco_compared["runs"]
+  assert (config["method"], config["sync_every"]) == ("diloco", 4)
+  assert config["mapping"] == "vmap (simulated)"
+  dense, top_k = runs
+  assert [(r["method"], r["sync_every"]) for r in runs] == [("diloco", 4)] * 2
+  # One float32 pseudo-gradient per sync, every 4 steps.
+  assert dense["bytes_per_step_per_worker"] == MLP_PARAMS * 4 / 4
+  assert dense["compression"] == 1.0
+  assert top_k["bytes_per_step_per_worker"] < (
+      dense["bytes_per_step_per_worker"] / 10)
+  # A sync's projected communication over its 4 steps.
+  network = gs.cost_model.network_from_gbit(1.0)
+  assert dense["projected_comm_s"] == pytest.approx(
+      gs.cost_model.project_compressor(gs.dense(), MLP_PARAMS, 8,
+                                       network).communication_s / 4)
+  assert dense["projected_step_s"] == pytest.approx(
+      dense["compute_s_per_step"] + dense["projected_comm_s"])
+  # Evaluations fall on syncs: the anchor scored is what every worker has.
+  assert dense["curves"]["eval_step"] == [8, 16]
+
+
+def test_diloco_every_step_with_sgd_is_data_parallel_sgd(tmp_path):
+  """sync_every=1, SGD inside, outer SGD(1.0) without momentum and dense():
+  data-parallel SGD (gs.diloco's docstring), step for step."""
+  sgd = ["--compressors", "dense", "--optimizer", "sgd", "--lr", 0.1,
+         "--steps", 16, *TINY]
+  assert gsparse("compare", *sgd, "--simulate", "--out",
+                 tmp_path / "dp") == 0
+  assert gsparse("compare", *sgd, "--diloco", 1, "--outer-lr", 1,
+                 "--outer-momentum", 0, "--out", tmp_path / "diloco") == 0
+  (dp,) = _results(tmp_path / "dp")["runs"]
+  (diloco,) = _results(tmp_path / "diloco")["runs"]
+  assert dp["bytes_per_step_per_worker"] == diloco[
+      "bytes_per_step_per_worker"] == MLP_PARAMS * 4
+  for key in ("loss", "eval_loss", "eval_accuracy"):
+    np.testing.assert_allclose(diloco["curves"][key], dp["curves"][key],
+                               rtol=1e-5, err_msg=key)
+
+
 def test_accumulation_equals_the_larger_batch_and_sends_once(compared,
                                                              tmp_path):
   """Two micro-batches of 4 per step: the same examples and mean gradient
@@ -262,6 +315,12 @@ BAD_OPTIONS = [
     (["--target", "1.5"], "--target"),  # an accuracy, checked on the task
     (["--resume"], "--resume"),
     (["--resume", "--checkpoint-dir", "empty"], "--resume"),
+    (["--diloco", "0"], "--diloco"),
+    (["--diloco", "2.5"], "--diloco"),  # not an integer
+    (["--diloco", "often"], "--diloco"),
+    (["--diloco", "4", "--accumulate", "2"], "--accumulate"),
+    (["--outer-momentum", "1.5"], "--outer-momentum"),
+    (["--outer-lr", "0"], "--outer-lr"),
 ]
 
 

@@ -6,7 +6,8 @@ on the same batches, with N workers (the devices of a mesh under
 accuracy or loss, bytes per step per worker, compression, projected
 communication and step time at a chosen bandwidth, projected time to a
 target metric, wall time) and a one-line verdict, and writes results.json
-and PNG plots into --out.
+and PNG plots into --out. With ``--diloco H`` every compressor is instead
+the pseudo-gradient payload of `gs.diloco` (a sync every H steps).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import concurrent.futures
 import dataclasses
 import json
 import os
+import threading
 
 from gsparse_jax._src.cli import common
 from gsparse_jax._src.cli.specs import Spec, check_options, parse_compressors
@@ -104,6 +106,22 @@ def configure(parser) -> None:
                            "1.05 x its loss)")
   parser.add_argument("--simulate", action="store_true",
                       help="simulate the workers with jax.vmap on one device")
+  parser.add_argument(
+      "--diloco", type=common.bounded(int, 1), default=None, metavar="H",
+      help="compare compressed DiLoCo instead of data parallelism: "
+           "gs.diloco(OPTIMIZER, outer, sync_every=H, compressor=C, "
+           "feedback=F), each worker taking H local steps with --optimizer "
+           "and every compressor sending the pseudo-gradient once per H "
+           "steps; bytes are counted per sync (one round), the projected "
+           "communication per step is a sync's over H; the workers are "
+           "simulated (jax.vmap), the model scored is the anchor")
+  parser.add_argument("--outer-lr", type=positive, default=0.7,
+                      help="DiLoCo's outer SGD learning rate (default: 0.7)")
+  parser.add_argument("--outer-momentum",
+                      type=common.bounded(float, 0, 1, low_open=False),
+                      default=0.9,
+                      help="DiLoCo's outer Nesterov momentum, 0 for plain "
+                           "SGD (default: 0.9, as in DiLoCo)")
 
 
 def requires(args) -> tuple[str, ...]:
@@ -121,7 +139,7 @@ def run(args) -> int:
   specs = _check_options(args)
   names = [spec.text for spec in specs]
   seeds = [args.seed + i for i in range(args.seeds)]
-  devices = _workers_devices(args.workers, args.simulate)
+  devices = _workers_devices(args.workers, _simulated(args))
   settings = _settings(args)
   # Each compressor with its recommended feedback unless --feedback is
   # given; each seed its own initialization and batches.
@@ -133,8 +151,12 @@ def run(args) -> int:
   _check_checkpoints(args, run_settings)
 
   # Everything is valid: only now is anything computed or written.
+  from gsparse_jax._src.cli import figures  # pylint: disable=g-import-not-at-top
   from gsparse_jax._src.cli import tasks  # pylint: disable=g-import-not-at-top
 
+  # matplotlib (a second of Python) imports on another thread while XLA,
+  # without Python's lock, compiles the first model's initialization.
+  threading.Thread(target=figures._pyplot, daemon=True).start()  # pylint: disable=protected-access
   try:
     task = tasks.load_task(args.task)
   except ValueError as error:
@@ -153,7 +175,8 @@ def run(args) -> int:
   from gsparse_jax._src.cli import timing  # pylint: disable=g-import-not-at-top
   from gsparse_jax._src.cli import training  # pylint: disable=g-import-not-at-top
 
-  # One thread compiles the steps in order while the runs before train.
+  # One thread traces and compiles the steps in order while the runs
+  # before train.
   with concurrent.futures.ThreadPoolExecutor(1) as pool, \
       _progress() as progress:
     trainings, outcomes = {}, {}
@@ -179,7 +202,6 @@ def run(args) -> int:
   path = os.path.join(args.out, "results.json")
   with open(path, "w") as f:
     json.dump(results, f, indent=1)
-  from gsparse_jax._src.cli import figures  # pylint: disable=g-import-not-at-top
   from gsparse_jax._src.cli import report  # pylint: disable=g-import-not-at-top
   pngs = figures.write_figures(args.out, results, task.metric)
   report.print_table(results, task.metric)
@@ -239,6 +261,9 @@ def _check_options(args) -> list[Spec]:
       build(value)
     except ValueError as error:
       raise common.OptionError(f"{option}: {error}") from None
+  if args.diloco is not None and args.accumulate > 1:
+    raise common.OptionError("--accumulate: gradient accumulation is for "
+                             "data parallelism, not with --diloco")
   common.check_writable_dir(args.out, "--out")
   if args.checkpoint_dir is not None:
     common.check_writable_dir(args.checkpoint_dir, "--checkpoint-dir")
@@ -269,6 +294,12 @@ def _registry_entry(spec: Spec):
   return gs.COMPRESSORS[spec.name]
 
 
+def _simulated(args) -> bool:
+  """Whether the workers are simulated: --simulate, or DiLoCo, whose
+  parameters differ between workers between syncs."""
+  return args.simulate or args.diloco is not None
+
+
 def _workers_devices(workers: int, simulate: bool):
   """The devices of the workers' mesh (None when simulating)."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -291,8 +322,9 @@ def _settings(args):
       task=args.task, ratio=args.ratio, feedback=args.feedback,
       granularity=args.granularity, batch_size=args.batch_size, lr=args.lr,
       optimizer=args.optimizer, workers=args.workers, seed=args.seed,
-      accumulate=args.accumulate, simulate=args.simulate,
-      eval_every=args.eval_every)
+      accumulate=args.accumulate, simulate=_simulated(args),
+      eval_every=args.eval_every, sync_every=args.diloco,
+      outer_lr=args.outer_lr, outer_momentum=args.outer_momentum)
 
 
 def _run_dir(args, name: str, seed: int) -> str:
@@ -304,9 +336,9 @@ def _check_checkpoints(args, run_settings: dict) -> None:
   does not overwrite checkpoints. Reads only."""
   if args.checkpoint_dir is None:
     return
-  from gsparse_jax._src.cli import training  # pylint: disable=g-import-not-at-top
+  from gsparse_jax._src.cli import checkpoints as checkpoints_lib  # pylint: disable=g-import-not-at-top
 
-  metas = {run: training.read_checkpoint_meta(_run_dir(args, *run))
+  metas = {run: checkpoints_lib.read_checkpoint_meta(_run_dir(args, *run))
            for run in run_settings}
   found = {f"{name} (seed {seed})": (meta, run_settings[name, seed])
            for (name, seed), meta in metas.items() if meta is not None}
@@ -346,12 +378,12 @@ def _sample_gradient(task, seed):
 
 def _run_one(name, seed, run, compressor, settings, args, progress) -> dict:
   import gsparse_jax as gs  # pylint: disable=g-import-not-at-top
+  from gsparse_jax._src.cli import checkpoints as checkpoints_lib  # pylint: disable=g-import-not-at-top
   from gsparse_jax._src.cli import timing  # pylint: disable=g-import-not-at-top
-  from gsparse_jax._src.cli import training  # pylint: disable=g-import-not-at-top
 
   checkpoints, start, curves, wall_s = None, 0, None, 0.0
   if args.checkpoint_dir is not None:
-    checkpoints = training.Checkpoints(
+    checkpoints = checkpoints_lib.Checkpoints(
         _run_dir(args, name, seed), args.checkpoint_every,
         dataclasses.asdict(settings))
     if args.resume and checkpoints.latest_step() is not None:
@@ -367,9 +399,13 @@ def _run_one(name, seed, run, compressor, settings, args, progress) -> dict:
   stats = outcome.stats
   network = gs.cost_model.network_from_gbit(args.bandwidth_gbit)
   layout = compressor.layout
+  # DiLoCo communicates once per sync: a sync's time over its H steps.
+  rounds_per_step = 1 / (args.diloco or 1)
   return {
       "compressor": name,
       "seed": seed,
+      "method": _method(args),
+      "sync_every": args.diloco,
       "feedback": settings.feedback,
       "final_loss": outcome.final_loss,
       "final_accuracy": outcome.final_accuracy,
@@ -377,7 +413,7 @@ def _run_one(name, seed, run, compressor, settings, args, progress) -> dict:
       "dense_bytes_per_step_per_worker": stats["dense_bytes"] / args.steps,
       "compression": stats["compression"],
       "cost_layout": layout,
-      "projected_comm_s": timing.comm_seconds(
+      "projected_comm_s": rounds_per_step * timing.comm_seconds(
           compressor, run.param_leaves, args.granularity, args.workers,
           network),
       "wall_s": outcome.wall_s,
@@ -406,6 +442,7 @@ def combine_seeds(per_seed: list[dict]) -> dict:
   std = lambda values: (float(np.std(values, ddof=1)) if len(values) > 1
                         else None)
   combined = {"compressor": first["compressor"],
+              "method": first["method"], "sync_every": first["sync_every"],
               "feedback": first["feedback"],
               "seeds": [run["seed"] for run in per_seed]}
   for key in ("final_loss", "final_accuracy"):
@@ -444,9 +481,15 @@ def _config(args, names, settings, num_params, task, target) -> dict:
       target_rule=("--target" if args.target is not None else
                    "within 5% of dense's final " + task.metric),
       num_params=num_params,
-      mapping="vmap (simulated)" if args.simulate else "shard_map",
+      mapping="vmap (simulated)" if _simulated(args) else "shard_map",
+      method=_method(args), sync_every=args.diloco,
       backend=jax.default_backend())
   return config
+
+
+def _method(args) -> str:
+  """``"diloco"`` under --diloco, else ``"data-parallel"``."""
+  return "data-parallel" if args.diloco is None else "diloco"
 
 
 class _NoProgress:

@@ -52,7 +52,9 @@ def title(config: dict) -> str:
                    if not feedback.startswith("recommended") else
                    "each compressor's recommended feedback (in the legend)")
   # Two lines: on one, a charlm title ran past the figure's right edge.
-  return (f"{config['task']}, {config['workers']} workers, "
+  method = (f", DiLoCo H={config['sync_every']}"
+            if config.get("method") == "diloco" else "")
+  return (f"{config['task']}, {config['workers']} workers{method}, "
           f"{config['steps']} steps, ratio {config['ratio']}\n"
           f"{feedback_text}, {seed_text}")
 

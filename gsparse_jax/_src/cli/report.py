@@ -26,7 +26,11 @@ def print_table(results: dict, metric: str) -> None:
       f"workers ({config['mapping']}), {config['steps']} steps, batch "
       f"{config['batch_size']}/worker, ratio {config['ratio']}, "
       f"{config['optimizer']} lr {config['lr']}, "
-      f"{config['num_params']:,} parameters"
+      + (f"DiLoCo: {config['optimizer']} inner, a sync every "
+         f"{config['sync_every']} steps, outer SGD lr {config['outer_lr']} "
+         f"momentum {config['outer_momentum']}, "
+         if config.get("method") == "diloco" else "")
+      + f"{config['num_params']:,} parameters"
       + (f", mean +- std over {config['seeds']} seeds"
          if config["seeds"] > 1 else "")
       + f"\nbytes and comm per step and worker; step = {step_rule} "

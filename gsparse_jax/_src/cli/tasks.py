@@ -61,15 +61,37 @@ def _scores(logits, labels):
   return _cross_entropy(logits, labels), accuracy
 
 
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+  """scikit-learn's 8x8 digits: (1797 x 64 pixels in 0..16, 1797 labels).
+
+  Read from the file scikit-learn ships (``sklearn/datasets/data/
+  digits.csv.gz``, what ``sklearn.datasets.load_digits`` reads) without
+  importing scikit-learn, which takes seconds; through `load_digits` when
+  the file is not where it used to be.
+  """
+  import gzip  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+
+  spec = importlib.util.find_spec("sklearn")
+  path = (None if spec is None or not spec.submodule_search_locations else
+          os.path.join(list(spec.submodule_search_locations)[0], "datasets",
+                       "data", "digits.csv.gz"))
+  if path is None or not os.path.isfile(path):
+    from sklearn import datasets  # pylint: disable=g-import-not-at-top
+    digits = datasets.load_digits()
+    return digits.data, digits.target
+  with gzip.open(path, "rt") as f:
+    table = np.loadtxt(f, delimiter=",")
+  return table[:, :-1], table[:, -1].astype(np.int64)
+
+
 def _classifier(name, summary, make_model, image_shape) -> Task:
   """A digits classifier; ``image_shape`` is what the model takes per image."""
-  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
-
-  digits = load_digits()
-  order = np.random.default_rng(SPLIT_SEED).permutation(len(digits.target))
-  images = (digits.data[order] / 16.0).astype(np.float32).reshape(
+  pixels, targets = load_digits()
+  order = np.random.default_rng(SPLIT_SEED).permutation(len(targets))
+  images = (pixels[order] / 16.0).astype(np.float32).reshape(
       (-1,) + image_shape)
-  labels = digits.target[order].astype(np.int32)
+  labels = targets[order].astype(np.int32)
   train_size = 1400  # of 1797; the other 397 are the test set
   train_x, test_x = images[:train_size], images[train_size:]
   train_y, test_y = labels[:train_size], labels[train_size:]

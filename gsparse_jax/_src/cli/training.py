@@ -8,18 +8,18 @@ devices of a mesh under `jax.shard_map`, or, simulated, the entries of a
 leaves with a leading axis of one slice per worker), so the Orbax
 checkpoints hold every worker's error memory.
 
-The run checkpoints its whole state, the step (its data position: batches
-are a function of the step) and its curves, so a resumed run ends with the
-same figures, bit for bit, as one that was never stopped.
+The run checkpoints (`checkpoints.Checkpoints`) its whole state, the step
+(its data position: batches are a function of the step) and its curves, so
+a resumed run ends with the same figures, bit for bit, as one that was
+never stopped.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import time
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -60,15 +60,34 @@ class Settings:
   accumulate: int
   simulate: bool
   eval_every: int
+  # DiLoCo (--diloco H): local steps, the compressed pseudo-gradient every
+  # `sync_every` steps; None: data parallelism (every step communicates).
+  sync_every: Optional[int] = None
+  outer_lr: float = 0.7
+  outer_momentum: float = 0.9
+
+
+def outer_optimizer(settings: Settings) -> optax.GradientTransformation:
+  """DiLoCo's outer optimizer: SGD, Nesterov momentum unless it is 0."""
+  momentum = settings.outer_momentum or None
+  return optax.sgd(settings.outer_lr, momentum=momentum,
+                   nesterov=momentum is not None)
 
 
 def make_tx(compressor: gs.Compressor, settings: Settings
             ) -> optax.GradientTransformation:
-  """``optax.chain(gs.sparsify(...), optimizer)``, accumulated if asked."""
+  """``optax.chain(gs.sparsify(...), optimizer)``, accumulated if asked;
+  under DiLoCo ``gs.diloco(optimizer, outer, compressor=...)``."""
+  optimizer = OPTIMIZERS[settings.optimizer](settings.lr)
+  if settings.sync_every is not None:
+    return gs.diloco(optimizer, outer_optimizer(settings),
+                     sync_every=settings.sync_every, compressor=compressor,
+                     feedback=settings.feedback, axis_name=AXIS,
+                     granularity=settings.granularity)
   tx = optax.chain(
       gs.sparsify(compressor, feedback=settings.feedback, axis_name=AXIS,
                   granularity=settings.granularity),
-      OPTIMIZERS[settings.optimizer](settings.lr))
+      optimizer)
   return (gs.multi_steps(tx, settings.accumulate) if settings.accumulate > 1
           else tx)
 
@@ -136,7 +155,7 @@ class Run:
     from flax import nnx  # pylint: disable=g-import-not-at-top
 
     self.task, self.settings = task, settings
-    model = task.make_model(settings.seed)
+    model = _initial_model(task, settings.seed)
     self.param_leaves = [jax.ShapeDtypeStruct(p.shape, p.dtype)
                          for p in jax.tree.leaves(nnx.state(model, nnx.Param))]
     self.num_params = sum(int(np.prod(p.shape)) for p in self.param_leaves)
@@ -145,13 +164,20 @@ class Run:
                               wrt=nnx.Param)
     if settings.simulate:
       # One device; per-worker leaves get one slice per worker, as under
-      # shard_map, and everything else stays unbatched.
+      # shard_map, and everything else stays unbatched (under DiLoCo, where
+      # the parameters are per worker, everything else gets a copy per
+      # worker: `_mapped_step` maps every leaf).
       self.mesh = None
       self.specs = gs.nnx_partition_specs((model, optimizer), AXIS)
       self.graphdef, state = nnx.split((model, optimizer))
+      copies = lambda leaf: jax.numpy.broadcast_to(
+          leaf, (settings.workers,) + leaf.shape)
       self.state = jax.tree.map(
-          lambda leaf, spec: leaf if spec == P() else jax.numpy.repeat(
-              leaf, settings.workers, axis=0), state, self.specs)
+          lambda leaf, spec: (
+              jax.numpy.repeat(leaf, settings.workers, axis=0)
+              if spec != P() else
+              copies(leaf) if settings.sync_every is not None else leaf),
+          state, self.specs)
     else:
       self.mesh = jax.make_mesh((settings.workers,), (AXIS,),
                                 devices=list(devices)[:settings.workers])
@@ -164,6 +190,7 @@ class Run:
       _COMPILED[key] = _compile(self.graphdef, self.specs, task, settings,
                                 self.mesh)
     self._key, self._jitted = key, _COMPILED[key]
+    self._warm = False  # whether the chunk of eval_every steps has run
     # The held-out score does not depend on the compressor or the workers.
     key = (task.name, self.model_graphdef)
     if key not in _EVALUATE:
@@ -171,18 +198,29 @@ class Run:
     self._evaluate = _EVALUATE[key]
 
   def batch(self, step: int):
-    """Global inputs and targets of optimizer step ``step`` (0-based)."""
-    return self._placed_batch(step)
-
-  def _placed_batch(self, step: int):
-    """`batch`'s arrays; lowering and timing the step take step 0's through
-    here, so `batch` sees the training loop's data positions only."""
+    """Host inputs and targets of optimizer step ``step`` (0-based)."""
     s = self.settings
-    x, y = self.task.batch(s.seed, step,
+    return self.task.batch(s.seed, step,
                            (s.workers, s.accumulate, s.batch_size))
-    if s.simulate:
-      return jax.device_put((x, y), jax.devices()[0])
-    return jax.device_put((x, y), NamedSharding(self.mesh, P(AXIS)))
+
+  def _placed(self, xs, ys):
+    """``xs, ys`` (a chunk of batches: steps first, then workers) on the
+    workers' devices."""
+    if self.settings.simulate:
+      return jax.device_put((xs, ys), jax.devices()[0])
+    return jax.device_put((xs, ys), NamedSharding(self.mesh, P(None, AXIS)))
+
+  def _placed_chunk(self, start: int, length: int):
+    """Steps ``start..start+length-1``'s batches, stacked and placed.
+
+    Lowering and timing the chunk take step 0's through here, so `batch`
+    sees the training loop's data positions only.
+    """
+    s = self.settings
+    shape = (s.workers, s.accumulate, s.batch_size)
+    batches = [self.task.batch(s.seed, step, shape)
+               for step in range(start, start + length)]
+    return self._placed(*_stack(batches))
 
   def optimizer(self):
     from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -190,81 +228,126 @@ class Run:
 
   def stats(self) -> dict:
     from flax import nnx  # pylint: disable=g-import-not-at-top
-    return gs.comm_stats(nnx.as_pure(self.optimizer().opt_state))
+    # The optimizer's part of the state, without rebuilding the objects.
+    return gs.comm_stats(nnx.as_pure(self.state[1]["opt_state"]))
 
   def evaluate(self) -> tuple[float, float]:
     """Held-out (loss, accuracy) of the current parameters, on one device."""
-    from flax import nnx  # pylint: disable=g-import-not-at-top
-
-    model, _ = nnx.merge(self.graphdef, self.state)
-    # Host copies: the score does not depend on how the state is sharded.
-    loss, accuracy = self._evaluate(jax.device_get(nnx.state(model)))
+    # Host copies of the model's part of the state (nnx.split of (model,
+    # optimizer)): the score does not depend on how the state is sharded.
+    model_state = self.state[0]
+    if self.settings.sync_every is not None:
+      # DiLoCo: the anchor (the synced parameters, every worker's copy the
+      # same), with worker 0's other variables.
+      from flax import nnx  # pylint: disable=g-import-not-at-top
+      first = lambda tree: jax.tree.map(lambda leaf: leaf[0], tree)
+      model_state = nnx.merge_state(
+          first(nnx.as_pure(model_state)),
+          first(nnx.as_pure(self.state[1]["opt_state"]).anchor))
+    loss, accuracy = self._evaluate(jax.device_get(model_state))
     return float(loss), float(accuracy)
 
   def compile_on(self, pool) -> None:
-    """Lowers the step here and compiles it on ``pool`` (a thread pool),
-    so that it compiles while other runs train; `train` waits for it.
+    """Lowers and compiles the chunk of `Settings.eval_every` steps on
+    ``pool`` (a thread pool), so that it compiles while other runs train;
+    `train` waits for it.
 
-    XLA compiles without holding Python's lock, so a compilation and the
-    training loop of another run share the cores. The lowering (tracing)
-    stays on the calling thread, with its JAX configuration.
+    Tracing holds Python's lock only part of the time and XLA compiles
+    without it, so the compilation and the training loop of another run
+    share the cores. The caller's dtype promotion rule (a thread-local JAX
+    setting, e.g. ``jax.numpy_dtype_promotion("standard")``) holds in the
+    pool's thread too.
     """
     if self._key not in _EXECUTABLES:
-      x, y = self._placed_batch(0)
-      lowered = self._jitted.lower(self.state, x, y)
-      _EXECUTABLES[self._key] = pool.submit(lowered.compile)
+      xs, ys = self._placed_chunk(0, self.settings.eval_every)
+      state, chunk = self.state, self._jitted.chunk
+      promotion = jax.config.jax_numpy_dtype_promotion
 
-  def _step(self, state, x, y):
-    """One compiled step: the executable `compile_on` made, else the jit."""
+      def lower_and_compile():
+        with jax.numpy_dtype_promotion(promotion):
+          return chunk.lower(state, xs, ys).compile()
+
+      _EXECUTABLES[self._key] = pool.submit(lower_and_compile)
+
+  def _chunk(self, state, xs, ys):
+    """``len(xs)`` steps in one call (a `lax.scan`): the executable
+    `compile_on` made for `Settings.eval_every` steps, else the jit."""
     future = _EXECUTABLES.get(self._key)
-    return (self._jitted if future is None else future.result())(state, x, y)
+    if len(xs) != self.settings.eval_every:
+      return self._jitted.chunk(state, xs, ys)
+    self._warm = True
+    return (self._jitted.chunk if future is None else future.result())(
+        state, xs, ys)
 
-  def time_step(self, repeats: int = 9) -> float:
-    """Median seconds of the compiled step, blocking on each result.
+  def time_step(self, steps: int = 30) -> float:
+    """Seconds per step of the compiled training, blocking on each call.
 
-    Times ``repeats`` steps on the current state and step 0's batch after
-    one warm-up call, and discards their results: the run's state, and so
-    its figures, do not change.
+    Times calls of the chunk of `Settings.eval_every` steps (the calls the
+    training makes) on the current state and the batches from step 0,
+    enough of them for ``steps`` steps and at least 3, after a warm-up call
+    unless the run has trained in chunks already; returns the median call
+    over the chunk's length. Discards their results: the run's state, and
+    so its figures, do not change.
     """
-    x, y = self._placed_batch(0)
-    jax.block_until_ready(self._step(self.state, x, y))  # warm-up
+    length = self.settings.eval_every
+    xs, ys = self._placed_chunk(0, length)
+    if not self._warm:
+      jax.block_until_ready(self._chunk(self.state, xs, ys))
     seconds = []
-    for _ in range(repeats):
+    for _ in range(max(3, -(-steps // length))):
       began = time.perf_counter()
-      jax.block_until_ready(self._step(self.state, x, y))
+      jax.block_until_ready(self._chunk(self.state, xs, ys))
       seconds.append(time.perf_counter() - began)
-    return float(np.median(seconds))
+    return float(np.median(seconds)) / length
 
   def train(self, steps: int, *, start: int = 0,
             curves: Optional[Curves] = None, wall_s: float = 0.0,
             on_step: Callable[[Progress], None] = lambda p: None,
-            checkpoints: Optional["Checkpoints"] = None) -> Outcome:
-    """Trains from step ``start`` (its state and curves) up to ``steps``."""
+            checkpoints=None) -> Outcome:
+    """Trains from step ``start`` (its state and curves) up to ``steps``,
+    saving into ``checkpoints`` (a `checkpoints.Checkpoints`) when given.
+
+    The steps between two evaluations run as one call (`lax.scan`), without
+    a host round trip per step; a stretch with a checkpoint inside it, or
+    shorter than `Settings.eval_every` (the end of a run, a resume off the
+    evaluation grid), one step per call.
+    """
     curves = curves or Curves.empty()
     every = self.settings.eval_every
     sent = curves.eval_bytes[-1] if curves.eval_bytes else 0.0
-    for step in range(start, steps):
+    step = start
+    while step < steps:
       began = time.perf_counter()
-      x, y = self.batch(step)
-      self.state, loss = self._step(self.state, x, y)
-      # Blocking each step keeps XLA:CPU's collectives of 8 virtual devices
-      # from stalling on few cores; the loss is needed here anyway.
-      loss = float(loss)
-      done = step + 1
-      curves.step.append(done)
-      curves.loss.append(loss)
+      end = min((step // every + 1) * every, steps)
+      inside = checkpoints is not None and any(
+          checkpoints.due(done, steps) for done in range(step + 1, end))
+      length = 1 if end - step < every or inside else end - step
+      xs, ys = self._placed(*_stack([self.batch(t)
+                                     for t in range(step, step + length)]))
+      # Blocking on each call keeps XLA:CPU's collectives of 8 virtual
+      # devices from stalling on few cores; the losses are needed anyway.
+      self.state, losses = self._chunk(self.state, xs, ys)
+      losses = np.asarray(losses).tolist()
+      done = step + length
+      curves.step.extend(range(step + 1, done + 1))
+      curves.loss.extend(losses)
       if done % every == 0:
         sent = self.stats()["sent_bytes"]
         curves = curves.with_eval(done, *self.evaluate(), sent)
       wall_s += time.perf_counter() - began
-      on_step(Progress(done, loss, sent))
+      for offset, loss in enumerate(losses):
+        on_step(Progress(step + offset + 1, loss, sent))
+      step = done
       if checkpoints is not None and checkpoints.due(done, steps):
         checkpoints.save(done, self.state, curves, wall_s)
     began = time.perf_counter()
-    final_loss, final_accuracy = self.evaluate()
     stats = self.stats()
-    if not curves.eval_step or curves.eval_step[-1] != steps:
+    if curves.eval_step and curves.eval_step[-1] == steps:
+      # Scored at the last step already.
+      final_loss, final_accuracy = curves.eval_loss[-1], curves.eval_accuracy[-1]
+    else:
       # The end of a run whose length is not a multiple of --eval-every.
+      final_loss, final_accuracy = self.evaluate()
       curves = curves.with_eval(steps, final_loss, final_accuracy,
                                 stats["sent_bytes"])
     wall_s += time.perf_counter() - began
@@ -274,13 +357,31 @@ class Run:
                    self.num_params)
 
 
+def _stack(batches):
+  """``[(x, y), ...]`` to ``(xs, ys)``, the steps as the leading axis."""
+  return tuple(np.stack(parts) for parts in zip(*batches))
+
+
 # The jitted step per (task, compressor, settings but the seed, devices): the
 # seeds of a compressor, and runs of one configuration in one process
 # (tests, notebooks), compile once; the jitted evaluation per task and model.
 _COMPILED: dict = {}
 _EVALUATE: dict = {}
+# The freshly initialized model per (task, seed), copied for each run: the
+# compressors of a seed start from one initialization, made once.
+_MODELS: dict = {}
 # Ahead-of-time compilations of the jitted steps (futures), by the same key.
 _EXECUTABLES: dict = {}
+
+
+def _initial_model(task, seed: int):
+  """A copy of ``task.make_model(seed)``, which runs once per task and seed."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  key = (task, seed)
+  if key not in _MODELS:
+    _MODELS[key] = task.make_model(seed)
+  return nnx.clone(_MODELS[key])
 
 
 def _body(graphdef, task, settings, state, x, y):
@@ -306,16 +407,38 @@ def _compile_evaluate(model_graphdef, task):
       nnx.merge(model_graphdef, model_state)))
 
 
-def _compile(graphdef, specs, task, settings, mesh):
-  """The jitted training step of a run."""
+class _Jitted(NamedTuple):
+  """The jitted steps of a run: ``chunk(state, xs, ys) -> (state, losses)``
+  runs ``len(xs)`` steps (a `lax.scan` over the leading axis of the
+  batches)."""
+
+  chunk: Callable
+
+
+def _compile(graphdef, specs, task, settings, mesh) -> _Jitted:
+  """The jitted training steps of a run."""
+  step = _mapped_step(graphdef, specs, task, settings, mesh)
+
+  def chunk(state, xs, ys):
+    return jax.lax.scan(lambda carry, batch: step(carry, *batch), state,
+                        (xs, ys))
+
+  return _Jitted(jax.jit(chunk))
+
+
+def _mapped_step(graphdef, specs, task, settings, mesh):
+  """One step of every worker: ``(state, x, y) -> (state, loss)``."""
   body = functools.partial(_body, graphdef, task, settings)
   if not settings.simulate:
-    return jax.jit(jax.shard_map(
+    return jax.shard_map(
         lambda state, x, y: body(state, x[0], y[0]), mesh=mesh,
         in_specs=(specs, P(AXIS), P(AXIS)),
-        out_specs=(specs, P())))
+        out_specs=(specs, P()))
   mask = jax.tree.map(lambda spec: spec != P(), specs)
-  axes = jax.tree.map(lambda per_worker: 0 if per_worker else None, mask)
+  # Under DiLoCo every leaf has a copy per worker (`Run`).
+  everything = settings.sync_every is not None
+  axes = jax.tree.map(
+      lambda per_worker: 0 if per_worker or everything else None, mask)
 
   def worker(state, x, y):
     # vmap drops the worker axis; sparsify keeps a local one of size 1.
@@ -325,82 +448,5 @@ def _compile(graphdef, specs, task, settings, mesh):
     return jax.tree.map(lambda leaf, m: leaf[0] if m else leaf, state,
                         mask), loss
 
-  return jax.jit(jax.vmap(worker, in_axes=(axes, 0, 0),
-                          out_axes=(axes, None), axis_name=AXIS))
-
-
-class Checkpoints:
-  """The Orbax checkpoints of one run, in their own directory.
-
-  Each checkpoint holds the NNX state (parameters and the whole optax state:
-  every worker's error memory, compressor state and statistics) and, as
-  JSON, the step, the curves, the wall time so far and the run's settings.
-
-  Args:
-    directory: where the run's checkpoints live (created on first save).
-    every: save every this many steps (and at the last step).
-    settings: the run's `Settings` (as a dict), saved to check a resume.
-  """
-
-  def __init__(self, directory: str, every: int, settings: dict):
-    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
-    self._ocp, self.every, self.settings = ocp, every, settings
-    self.manager = ocp.CheckpointManager(
-        os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(max_to_keep=2))
-
-  def due(self, step: int, steps: int) -> bool:
-    return step % self.every == 0 or step == steps
-
-  def save(self, step: int, state, curves: Curves, wall_s: float) -> None:
-    ocp = self._ocp
-    # Copies: the run keeps appending to its curves while Orbax writes.
-    meta = {"step": step, "wall_s": wall_s, "settings": dict(self.settings),
-            "curves": {k: list(v) for k, v in curves._asdict().items()}}
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
-
-  def latest_step(self) -> Optional[int]:
-    return self.manager.latest_step()
-
-  def restore(self, like_state) -> tuple[Any, Curves, float, int]:
-    """(state, curves, wall_s, step) of the latest checkpoint.
-
-    ``like_state``: a state of the same structure, shapes and shardings.
-    """
-    ocp = self._ocp
-    step = self.manager.latest_step()
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract),
-        meta=ocp.args.JsonRestore()))
-    meta = restored.meta
-    return (restored.state, Curves(**meta["curves"]), meta["wall_s"],
-            meta["step"])
-
-  def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
-
-
-def read_checkpoint_meta(directory: str) -> Optional[dict]:
-  """The JSON part of the latest checkpoint in ``directory`` (None if none).
-
-  Reads only: used to check a ``--resume`` before anything is written.
-  """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
-  if not os.path.isdir(directory):
-    return None
-  manager = ocp.CheckpointManager(
-      os.path.abspath(directory),
-      options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-  try:
-    step = manager.latest_step()
-    if step is None:
-      return None
-    return manager.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore())).meta
-  finally:
-    manager.close()
+  return jax.vmap(worker, in_axes=(axes, 0, 0), out_axes=(axes, None),
+                  axis_name=AXIS)
