@@ -697,3 +697,29 @@ def test_the_cli_extra_holds_every_module_a_subcommand_may_need():
                          if command.NAME == "advise" else [])])
     for module in command.requires(args):
       assert module.partition(".")[0] in common.EXTRA_MODULES
+
+
+def test_warmup_and_kept_dense_leaves_reach_sparsify_and_the_time(tmp_path):
+  out = tmp_path / "warm"
+  assert gsparse("compare", "--compressors", "top_k", "--steps", 16,
+                 "--warmup-steps", 8, "--keep-dense", 200, "--simulate",
+                 "--out", out, *TINY) == 0
+  (run,) = _results(out)["runs"]
+  assert (run["warmup_steps"], run["keep_dense_min_size"]) == (8, 200)
+  # The three kernels (25,856 values) compressed: Top-259; the biases
+  # (266 values, rank 1) dense; the 8 warm-up steps all dense.
+  kernels, biases = 64 * 128 + 128 * 128 + 128 * 10, 128 + 128 + 10
+  compressed = biases * 4 + round(0.01 * kernels) * 8
+  assert run["bytes_per_step_per_worker"] == (8 * MLP_PARAMS * 4
+                                              + 8 * compressed) / 16
+  network = gs.cost_model.network_from_gbit(1.0)
+  price = lambda c, d: gs.cost_model.project_compressor(
+      c, d, 8, network).communication_s
+  expected = (8 * price(gs.dense(), MLP_PARAMS) + 8 * (
+      price(gs.top_k(0.01), kernels) + price(gs.dense(), biases))) / 16
+  assert run["projected_comm_s"] == pytest.approx(expected, rel=1e-12)
+  for bad in (["--warmup-steps", -1], ["--keep-dense", "x"],
+              ["--keep-dense", 10, "--diloco", 2]):
+    assert gsparse("compare", "--compressors", "top_k", "--out",
+                   tmp_path / "bad", *bad) == 2
+  assert not (tmp_path / "bad").exists()

@@ -57,6 +57,18 @@ def configure(parser) -> None:
                            "dense, ef for the rest)")
   parser.add_argument("--granularity", default="global",
                       help="global or layer (default: global)")
+  parser.add_argument(
+      "--warmup-steps", type=common.bounded(int, 0), default=0, metavar="N",
+      help="the first N optimizer steps (under --diloco: syncs) all-reduce "
+           "densely, then the compressor takes over (sparsify's "
+           "warmup_steps; default: 0)")
+  parser.add_argument(
+      "--keep-dense", type=common.bounded(int, 0), default=None,
+      metavar="MIN_SIZE",
+      help="all-reduce densely the leaves of rank <= 1 or of fewer than "
+           "MIN_SIZE entries (biases, norms: sparsify's keep_dense="
+           "gs.small_or_vector_leaves(MIN_SIZE)); default: every leaf "
+           "compressed")
   parser.add_argument("--steps", type=positive_int, default=300,
                       help="optimizer steps (default: 300)")
   parser.add_argument("--batch-size", type=positive_int, default=16,
@@ -261,6 +273,9 @@ def _check_options(args) -> list[Spec]:
       build(value)
     except ValueError as error:
       raise common.OptionError(f"{option}: {error}") from None
+  if args.diloco is not None and args.keep_dense is not None:
+    raise common.OptionError("--keep-dense: leaves kept dense are for data "
+                             "parallelism, not with --diloco")
   if args.diloco is not None and args.accumulate > 1:
     raise common.OptionError("--accumulate: gradient accumulation is for "
                              "data parallelism, not with --diloco")
@@ -324,7 +339,8 @@ def _settings(args):
       optimizer=args.optimizer, workers=args.workers, seed=args.seed,
       accumulate=args.accumulate, simulate=_simulated(args),
       eval_every=args.eval_every, sync_every=args.diloco,
-      outer_lr=args.outer_lr, outer_momentum=args.outer_momentum)
+      outer_lr=args.outer_lr, outer_momentum=args.outer_momentum,
+      warmup_steps=args.warmup_steps, keep_dense=args.keep_dense)
 
 
 def _run_dir(args, name: str, seed: int) -> str:
@@ -380,6 +396,7 @@ def _run_one(name, seed, run, compressor, settings, args, progress) -> dict:
   import gsparse_jax as gs  # pylint: disable=g-import-not-at-top
   from gsparse_jax._src.cli import checkpoints as checkpoints_lib  # pylint: disable=g-import-not-at-top
   from gsparse_jax._src.cli import timing  # pylint: disable=g-import-not-at-top
+  from gsparse_jax._src.cli import training  # pylint: disable=g-import-not-at-top
 
   checkpoints, start, curves, wall_s = None, 0, None, 0.0
   if args.checkpoint_dir is not None:
@@ -401,21 +418,26 @@ def _run_one(name, seed, run, compressor, settings, args, progress) -> dict:
   layout = compressor.layout
   # DiLoCo communicates once per sync: a sync's time over its H steps.
   rounds_per_step = 1 / (args.diloco or 1)
+  rounds = max(1, args.steps // (args.diloco or 1))
   return {
       "compressor": name,
       "seed": seed,
       "method": _method(args),
       "sync_every": args.diloco,
       "feedback": settings.feedback,
+      "warmup_steps": settings.warmup_steps,
+      "keep_dense_min_size": settings.keep_dense,
       "final_loss": outcome.final_loss,
       "final_accuracy": outcome.final_accuracy,
       "bytes_per_step_per_worker": stats["sent_bytes"] / args.steps,
       "dense_bytes_per_step_per_worker": stats["dense_bytes"] / args.steps,
       "compression": stats["compression"],
       "cost_layout": layout,
-      "projected_comm_s": rounds_per_step * timing.comm_seconds(
+      "projected_comm_s": rounds_per_step * timing.mean_comm_seconds(
           compressor, run.param_leaves, args.granularity, args.workers,
-          network),
+          network, keep_dense=training.keep_dense(settings),
+          dense_rounds=min(settings.warmup_steps, rounds),
+          rounds=rounds),
       "wall_s": outcome.wall_s,
       "curves": outcome.curves._asdict(),
       "num_params": outcome.num_params,
@@ -444,6 +466,8 @@ def combine_seeds(per_seed: list[dict]) -> dict:
   combined = {"compressor": first["compressor"],
               "method": first["method"], "sync_every": first["sync_every"],
               "feedback": first["feedback"],
+              "warmup_steps": first["warmup_steps"],
+              "keep_dense_min_size": first["keep_dense_min_size"],
               "seeds": [run["seed"] for run in per_seed]}
   for key in ("final_loss", "final_accuracy"):
     values = [run[key] for run in per_seed]

@@ -21,7 +21,7 @@ BASELINE = "cast"  # what the verdict compares against
 
 
 def comm_seconds(compressor, param_leaves, granularity: str, workers: int,
-                 network) -> float:
+                 network, keep_dense=None) -> float:
   """Projected communication time of one step of ``compressor``.
 
   Every compressed segment of the model (one under ``granularity="global"``,
@@ -35,6 +35,7 @@ def comm_seconds(compressor, param_leaves, granularity: str, workers: int,
     granularity: ``"global"`` or ``"layer"``.
     workers: the number of workers.
     network: a `gs.cost_model.Network`.
+    keep_dense: sparsify's ``keep_dense`` (those leaves priced dense).
 
   Returns:
     Seconds.
@@ -48,7 +49,25 @@ def comm_seconds(compressor, param_leaves, granularity: str, workers: int,
           bytes_per_value=2 if _itemsize(segment.wire_dtype) == 2 else 4
       ).communication_s
       for segment in segment_plan(
-          param_leaves, compressor, granularity=granularity).segments)
+          param_leaves, compressor, granularity=granularity,
+          keep_dense=keep_dense).segments)
+
+
+def mean_comm_seconds(compressor, param_leaves, granularity: str,
+                      workers: int, network, *, keep_dense=None,
+                      dense_rounds: int = 0, rounds: int = 1) -> float:
+  """`comm_seconds` averaged over a run of ``rounds`` communication rounds
+  whose first ``dense_rounds`` (sparsify's warm-up) send the dense
+  gradient."""
+  import gsparse_jax as gs  # pylint: disable=g-import-not-at-top
+
+  compressed = comm_seconds(compressor, param_leaves, granularity, workers,
+                            network, keep_dense)
+  if not dense_rounds:
+    return compressed
+  dense = comm_seconds(gs.dense(), param_leaves, granularity, workers,
+                       network)
+  return (dense_rounds * dense + (rounds - dense_rounds) * compressed) / rounds
 
 
 def _itemsize(dtype) -> int:

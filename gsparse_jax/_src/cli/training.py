@@ -65,6 +65,18 @@ class Settings:
   sync_every: Optional[int] = None
   outer_lr: float = 0.7
   outer_momentum: float = 0.9
+  # sparsify's dense warm-up steps (DiLoCo: syncs) and, when set, the
+  # `gs.small_or_vector_leaves` size under which leaves are kept dense.
+  warmup_steps: int = 0
+  keep_dense: Optional[int] = None
+
+
+def keep_dense(settings: Settings):
+  """sparsify's ``keep_dense`` for ``settings`` (None: every leaf
+  compressed)."""
+  if settings.keep_dense is None:
+    return None
+  return gs.small_or_vector_leaves(settings.keep_dense)
 
 
 def outer_optimizer(settings: Settings) -> optax.GradientTransformation:
@@ -83,10 +95,13 @@ def make_tx(compressor: gs.Compressor, settings: Settings
     return gs.diloco(optimizer, outer_optimizer(settings),
                      sync_every=settings.sync_every, compressor=compressor,
                      feedback=settings.feedback, axis_name=AXIS,
-                     granularity=settings.granularity)
+                     granularity=settings.granularity,
+                     warmup_steps=settings.warmup_steps)
   tx = optax.chain(
       gs.sparsify(compressor, feedback=settings.feedback, axis_name=AXIS,
-                  granularity=settings.granularity),
+                  granularity=settings.granularity,
+                  warmup_steps=settings.warmup_steps,
+                  keep_dense=keep_dense(settings)),
       optimizer)
   return (gs.multi_steps(tx, settings.accumulate) if settings.accumulate > 1
           else tx)
