@@ -27,6 +27,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import gsparse_jax as gs
@@ -93,20 +94,58 @@ def _segments(name, granularity):
   return segments
 
 
+# The feedback rules each (mapping, granularity) runs; the layer runs:
+# EF in the vmap/shard_map pair and EF21-SGDM (ARC-Top-K's rule) once
+# (layer granularity changes what each compressor is given, one leaf and
+# its shape, not the feedback rules: per segment either way).
+LAYER_RUNS = (("ef", "vmap"), ("ef", "shard_map"), ("ef21m", "vmap"))
+
+
+def _feedbacks(context, granularity):
+  if granularity == "global":
+    return FEEDBACKS
+  return tuple(f for f, c in LAYER_RUNS if c == context)
+
+
+def _side_by_side(txs):
+  """One transformation stepping every ``tx`` of ``txs`` on the same
+  gradients, each on its own state: one compiled step serves them all."""
+
+  def update(grads, states, params=None):
+    results = [tx.update(grads, state, params)
+               for tx, state in zip(txs, states)]
+    return tuple(r[0] for r in results), tuple(r[1] for r in results)
+
+  return optax.GradientTransformation(
+      lambda params: tuple(tx.init(params) for tx in txs), update)
+
+
 @functools.lru_cache(maxsize=None)
-def _run(name, feedback, context, granularity="global"):
-  """(outputs ``[steps, workers, D]``, memory ``[workers, D]``, state)."""
-  tx = gs.sparsify(_compressor(name), feedback=feedback,
-                   axis_name=runners.AXIS, granularity=granularity)
+def _run_group(name, context, granularity):
+  """feedback -> (outputs ``[steps, workers, D]``, memory ``[workers, D]``,
+  state) for every rule of `_feedbacks`, run side by side."""
+  feedbacks = _feedbacks(context, granularity)
+  tx = _side_by_side([gs.sparsify(_compressor(name), feedback=feedback,
+                                  axis_name=runners.AXIS,
+                                  granularity=granularity)
+                      for feedback in feedbacks])
   mesh = jax.make_mesh((WORKERS,), (runners.AXIS,))
   grads = jax.tree.map(jnp.asarray, _grads())
-  outputs, state = runners.run_steps(tx, _params(), grads, context, mesh)
-  memory = [np.zeros((WORKERS, cols.stop - cols.start))
-            if not jax.tree.leaves(segment_memory) else
-            runners.worker_rows(jax.tree.leaves(segment_memory)[-1], WORKERS)
-            for (cols, _), segment_memory in zip(
-                _segments(name, granularity), state.memory)]
-  return _flat(outputs), np.concatenate(memory, axis=-1), state
+  outputs, states = runners.run_steps(tx, _params(), grads, context, mesh)
+  runs = {}
+  for feedback, output, state in zip(feedbacks, outputs, states):
+    memory = [np.zeros((WORKERS, cols.stop - cols.start))
+              if not jax.tree.leaves(segment_memory) else
+              runners.worker_rows(jax.tree.leaves(segment_memory)[-1], WORKERS)
+              for (cols, _), segment_memory in zip(
+                  _segments(name, granularity), state.memory)]
+    runs[feedback] = (_flat(output), np.concatenate(memory, axis=-1), state)
+  return runs
+
+
+def _run(name, feedback, context, granularity="global"):
+  """(outputs ``[steps, workers, D]``, memory ``[workers, D]``, state)."""
+  return _run_group(name, context, granularity)[feedback]
 
 
 @functools.lru_cache(maxsize=None)
@@ -147,12 +186,6 @@ def _check_against_reference(name, feedback, context, granularity):
 @pytest.mark.parametrize("name", NAMES)
 def test_matches_numpy_reference(name, feedback, context):
   _check_against_reference(name, feedback, context, "global")
-
-
-# Layer granularity changes what each compressor is given (one leaf, its
-# shape), not the feedback rules (per segment either way): EF in the
-# vmap/shard_map pair, and EF21-SGDM (ARC-Top-K's rule) once.
-LAYER_RUNS = (("ef", "vmap"), ("ef", "shard_map"), ("ef21m", "vmap"))
 
 
 @pytest.mark.parametrize("feedback,context", LAYER_RUNS)
