@@ -241,26 +241,17 @@ def test_error_feedback_loses_nothing(name, granularity):
                              rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("feedback", FEEDBACKS)
-@pytest.mark.parametrize("name", NAMES)
-def test_state_contract_on_one_worker(name, feedback):
-  """Abstract init, stable types, one trace, donation, bytes == wire cost."""
-  compressor = _compressor(name)
-  tx = gs.sparsify(compressor, feedback=feedback)
+@functools.lru_cache(maxsize=None)
+def _jitted_one_worker(name):
+  """feedback -> (step outputs, donated-step outputs, each state's types
+  after every jitted step, final states, the first step from `init`) of
+  every rule, side by side on one worker: one jitted step (which must trace
+  once for all the steps) and one with the state donated."""
+  txs = [gs.sparsify(_compressor(name), feedback=f) for f in FEEDBACKS]
+  tx = _side_by_side(txs)
   params = _params()
   grads = [jax.tree.map(lambda g: jnp.asarray(g[t, 0]), _grads())
            for t in range(STEPS)]
-
-  abstract = jax.eval_shape(
-      tx.init, jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype),
-                            params))
-  state = tx.init(params)
-  chex.assert_trees_all_equal_shapes_and_dtypes(abstract, state)
-  types = jax.tree.map(jax.typeof, state)
-
-  eager_out, eager_state = tx.update(grads[0], state)
-  assert jax.tree.map(jax.typeof, eager_state) == types
-
   chex.clear_trace_counter()
 
   @jax.jit
@@ -270,15 +261,46 @@ def test_state_contract_on_one_worker(name, feedback):
 
   donated = jax.jit(tx.update, donate_argnums=1)
   state_a, state_b = tx.init(params), tx.init(params)
+  outs_a, outs_b, types = [], [], []
   for g in grads:
     out_a, state_a = step(g, state_a)
     out_b, state_b = donated(g, state_b)
-    assert jax.tree.map(jax.typeof, state_a) == types
+    outs_a.append(out_a)
+    outs_b.append(out_b)
+    types.append(jax.tree.map(jax.typeof, state_a))
+  first = step(grads[0], tx.init(params))[0]
+  return {f: ([o[i] for o in outs_a], [o[i] for o in outs_b],
+              [t[i] for t in types], state_a[i], state_b[i], first[i])
+          for i, f in enumerate(FEEDBACKS)}
+
+
+@pytest.mark.parametrize("feedback", FEEDBACKS)
+@pytest.mark.parametrize("name", NAMES)
+def test_state_contract_on_one_worker(name, feedback):
+  """Abstract init, stable types, one trace, donation, bytes == wire cost."""
+  compressor = _compressor(name)
+  tx = gs.sparsify(compressor, feedback=feedback)
+  params = _params()
+  grad = jax.tree.map(lambda g: jnp.asarray(g[0, 0]), _grads())
+
+  abstract = jax.eval_shape(
+      tx.init, jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype),
+                            params))
+  state = tx.init(params)
+  chex.assert_trees_all_equal_shapes_and_dtypes(abstract, state)
+  types = jax.tree.map(jax.typeof, state)
+
+  eager_out, eager_state = tx.update(grad, state)
+  assert jax.tree.map(jax.typeof, eager_state) == types
+
+  outs_a, outs_b, step_types, state_a, state_b, first = _jitted_one_worker(
+      name)[feedback]
+  for out_a, out_b, step_type in zip(outs_a, outs_b, step_types):
+    assert step_type == types
     chex.assert_trees_all_equal(out_a, out_b)
   chex.assert_trees_all_equal(state_a, state_b)
   chex.assert_trees_all_close(jax.tree.map(np.asarray, eager_out),
-                              jax.tree.map(np.asarray, step(grads[0],
-                                                            tx.init(params))[0]),
+                              jax.tree.map(np.asarray, first),
                               rtol=1e-6, atol=1e-7)
 
   stats = gs.comm_stats(state_a)
