@@ -69,6 +69,25 @@ def compressors(quick: bool, names=None, sort=True):
   return table
 
 
+def donated_stepper(tx, params, grads):
+  """A runner of ``tx``'s jitted ``update + apply_updates`` on ``grads``,
+  from a copy of ``params`` and a fresh state, both donated each step."""
+  state = tx.init(params)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  carry = [jax.tree.map(jnp.copy, params), state]
+
+  def run():
+    carry[0], carry[1] = step(carry[0], carry[1], grads)
+    return carry[0]
+
+  return run
+
+
 def single_device(size: int, repeats: int, table: dict) -> dict:
   """Jitted optimizer update on one matrix: ratio to plain sgd.
 
@@ -79,21 +98,8 @@ def single_device(size: int, repeats: int, table: dict) -> dict:
   params = jnp.zeros(shape, jnp.float32)
   grads = jax.random.normal(jax.random.key(0), shape, jnp.float32)
 
-  def timed(tx):
-    state = tx.init(params)
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(params, state, grads):
-      updates, state = tx.update(grads, state, params)
-      return optax.apply_updates(params, updates), state
-
-    carry = [params.copy(), state]
-
-    def run():
-      carry[0], carry[1] = step(carry[0], carry[1], grads)
-      return carry[0]
-
-    return _common.time_fn(run, repeats=repeats)
+  timed = lambda tx: _common.time_fn(donated_stepper(tx, params, grads),
+                                     repeats=repeats)
 
   base = timed(optax.sgd(0.1))
   rows = {"sgd": base}
@@ -244,21 +250,7 @@ def transformer_pytree(scale: float, repeats: int, table: dict) -> dict:
   params0 = jax.tree.map(jnp.zeros_like, grads)
   n_params = sum(math.prod(shape) for shape in leaves)
 
-  def stepper(tx):
-    state = tx.init(params0)
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(params, state, grads):
-      updates, state = tx.update(grads, state, params)
-      return optax.apply_updates(params, updates), state
-
-    carry = [jax.tree.map(jnp.copy, params0), state]
-
-    def run():
-      carry[0], carry[1] = step(carry[0], carry[1], grads)
-      return carry[0]
-
-    return run
+  stepper = lambda tx: donated_stepper(tx, params0, grads)
 
   @functools.partial(jax.jit, donate_argnums=(0,))
   def floor(memory, grads):

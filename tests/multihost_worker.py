@@ -6,7 +6,6 @@ train the linear model of test_distributed.py for a few steps with
 Top-k + error feedback, and each writes what it can address to OUT_DIR.
 """
 
-import functools
 import os
 import sys
 
@@ -18,6 +17,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import gsparse_jax as gs
+import runners  # this script's folder, tests/, is on sys.path
 
 AXIS = "data"
 STEPS, LR, RATIO = 5, 0.1, 0.1
@@ -42,18 +42,9 @@ def main(process_id, port, out_dir):
             "b": jnp.zeros((y.shape[1],))}
   tx = optax.chain(gs.sparsify(gs.top_k(RATIO), axis_name=AXIS),
                    optax.sgd(LR))
-  specs = gs.state_partition_specs(jax.eval_shape(tx.init, params), AXIS)
-  opt_state = jax.jit(jax.shard_map(tx.init, mesh=mesh, in_specs=P(),
-                                    out_specs=specs))(params)
-
-  @jax.jit
-  @functools.partial(jax.shard_map, mesh=mesh,
-                     in_specs=(P(), specs, P(AXIS), P(AXIS)),
-                     out_specs=(P(), specs))
-  def step(params, opt_state, x, y):
-    _, grads = gs.local_value_and_grad(loss_fn, AXIS)(params, x, y)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+  step, opt_state = runners.shard_map_training_step(
+      tx, params, mesh,
+      lambda p, x, y: gs.local_value_and_grad(loss_fn, AXIS)(p, x, y)[1])
 
   for _ in range(STEPS):
     params, opt_state = step(params, opt_state, x, y)

@@ -75,6 +75,37 @@ def run_steps(tx, params, grads_seq, context, mesh=None):
   return stacked, state
 
 
+def shard_map_training_step(tx, params, mesh, grad_fn, axis=AXIS):
+  """The data-parallel step a user writes by hand (README "Training under
+  shard_map"): replicated params, per-worker optimizer state, the batch
+  split over ``axis``.
+
+  Args:
+    tx: an optax GradientTransformation (with axis_name=axis inside).
+    params: the parameter pytree (replicated).
+    mesh: a mesh with ``axis``.
+    grad_fn: ``(params, x, y) -> grads``, this worker's local gradients.
+    axis: the mesh axis of the workers.
+
+  Returns:
+    (jitted ``step(params, opt_state, x, y) -> (params, opt_state)``, the
+    initial ``opt_state`` laid out by `gs.state_partition_specs`).
+  """
+  specs = gs.state_partition_specs(jax.eval_shape(tx.init, params), axis)
+  opt_state = jax.jit(jax.shard_map(tx.init, mesh=mesh, in_specs=P(),
+                                    out_specs=specs))(params)
+
+  @jax.jit
+  @functools.partial(jax.shard_map, mesh=mesh,
+                     in_specs=(P(), specs, P(axis), P(axis)),
+                     out_specs=(P(), specs))
+  def step(params, opt_state, x, y):
+    updates, opt_state = tx.update(grad_fn(params, x, y), opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  return step, opt_state
+
+
 def worker_rows(x, workers):
   """A per-worker state leaf as ``[workers, ...]`` whatever the context."""
   x = np.asarray(x)

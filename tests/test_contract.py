@@ -27,6 +27,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import gsparse_jax as gs
@@ -93,20 +94,58 @@ def _segments(name, granularity):
   return segments
 
 
+# The feedback rules each (mapping, granularity) runs; the layer runs:
+# EF in the vmap/shard_map pair and EF21-SGDM (ARC-Top-K's rule) once
+# (layer granularity changes what each compressor is given, one leaf and
+# its shape, not the feedback rules: per segment either way).
+LAYER_RUNS = (("ef", "vmap"), ("ef", "shard_map"), ("ef21m", "vmap"))
+
+
+def _feedbacks(context, granularity):
+  if granularity == "global":
+    return FEEDBACKS
+  return tuple(f for f, c in LAYER_RUNS if c == context)
+
+
+def _side_by_side(txs):
+  """One transformation stepping every ``tx`` of ``txs`` on the same
+  gradients, each on its own state: one compiled step serves them all."""
+
+  def update(grads, states, params=None):
+    results = [tx.update(grads, state, params)
+               for tx, state in zip(txs, states)]
+    return tuple(r[0] for r in results), tuple(r[1] for r in results)
+
+  return optax.GradientTransformation(
+      lambda params: tuple(tx.init(params) for tx in txs), update)
+
+
 @functools.lru_cache(maxsize=None)
-def _run(name, feedback, context, granularity="global"):
-  """(outputs ``[steps, workers, D]``, memory ``[workers, D]``, state)."""
-  tx = gs.sparsify(_compressor(name), feedback=feedback,
-                   axis_name=runners.AXIS, granularity=granularity)
+def _run_group(name, context, granularity):
+  """feedback -> (outputs ``[steps, workers, D]``, memory ``[workers, D]``,
+  state) for every rule of `_feedbacks`, run side by side."""
+  feedbacks = _feedbacks(context, granularity)
+  tx = _side_by_side([gs.sparsify(_compressor(name), feedback=feedback,
+                                  axis_name=runners.AXIS,
+                                  granularity=granularity)
+                      for feedback in feedbacks])
   mesh = jax.make_mesh((WORKERS,), (runners.AXIS,))
   grads = jax.tree.map(jnp.asarray, _grads())
-  outputs, state = runners.run_steps(tx, _params(), grads, context, mesh)
-  memory = [np.zeros((WORKERS, cols.stop - cols.start))
-            if not jax.tree.leaves(segment_memory) else
-            runners.worker_rows(jax.tree.leaves(segment_memory)[-1], WORKERS)
-            for (cols, _), segment_memory in zip(
-                _segments(name, granularity), state.memory)]
-  return _flat(outputs), np.concatenate(memory, axis=-1), state
+  outputs, states = runners.run_steps(tx, _params(), grads, context, mesh)
+  runs = {}
+  for feedback, output, state in zip(feedbacks, outputs, states):
+    memory = [np.zeros((WORKERS, cols.stop - cols.start))
+              if not jax.tree.leaves(segment_memory) else
+              runners.worker_rows(jax.tree.leaves(segment_memory)[-1], WORKERS)
+              for (cols, _), segment_memory in zip(
+                  _segments(name, granularity), state.memory)]
+    runs[feedback] = (_flat(output), np.concatenate(memory, axis=-1), state)
+  return runs
+
+
+def _run(name, feedback, context, granularity="global"):
+  """(outputs ``[steps, workers, D]``, memory ``[workers, D]``, state)."""
+  return _run_group(name, context, granularity)[feedback]
 
 
 @functools.lru_cache(maxsize=None)
@@ -147,12 +186,6 @@ def _check_against_reference(name, feedback, context, granularity):
 @pytest.mark.parametrize("name", NAMES)
 def test_matches_numpy_reference(name, feedback, context):
   _check_against_reference(name, feedback, context, "global")
-
-
-# Layer granularity changes what each compressor is given (one leaf, its
-# shape), not the feedback rules (per segment either way): EF in the
-# vmap/shard_map pair, and EF21-SGDM (ARC-Top-K's rule) once.
-LAYER_RUNS = (("ef", "vmap"), ("ef", "shard_map"), ("ef21m", "vmap"))
 
 
 @pytest.mark.parametrize("feedback,context", LAYER_RUNS)
@@ -208,26 +241,17 @@ def test_error_feedback_loses_nothing(name, granularity):
                              rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("feedback", FEEDBACKS)
-@pytest.mark.parametrize("name", NAMES)
-def test_state_contract_on_one_worker(name, feedback):
-  """Abstract init, stable types, one trace, donation, bytes == wire cost."""
-  compressor = _compressor(name)
-  tx = gs.sparsify(compressor, feedback=feedback)
+@functools.lru_cache(maxsize=None)
+def _jitted_one_worker(name):
+  """feedback -> (step outputs, donated-step outputs, each state's types
+  after every jitted step, final states, the first step from `init`) of
+  every rule, side by side on one worker: one jitted step (which must trace
+  once for all the steps) and one with the state donated."""
+  txs = [gs.sparsify(_compressor(name), feedback=f) for f in FEEDBACKS]
+  tx = _side_by_side(txs)
   params = _params()
   grads = [jax.tree.map(lambda g: jnp.asarray(g[t, 0]), _grads())
            for t in range(STEPS)]
-
-  abstract = jax.eval_shape(
-      tx.init, jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype),
-                            params))
-  state = tx.init(params)
-  chex.assert_trees_all_equal_shapes_and_dtypes(abstract, state)
-  types = jax.tree.map(jax.typeof, state)
-
-  eager_out, eager_state = tx.update(grads[0], state)
-  assert jax.tree.map(jax.typeof, eager_state) == types
-
   chex.clear_trace_counter()
 
   @jax.jit
@@ -237,15 +261,46 @@ def test_state_contract_on_one_worker(name, feedback):
 
   donated = jax.jit(tx.update, donate_argnums=1)
   state_a, state_b = tx.init(params), tx.init(params)
+  outs_a, outs_b, types = [], [], []
   for g in grads:
     out_a, state_a = step(g, state_a)
     out_b, state_b = donated(g, state_b)
-    assert jax.tree.map(jax.typeof, state_a) == types
+    outs_a.append(out_a)
+    outs_b.append(out_b)
+    types.append(jax.tree.map(jax.typeof, state_a))
+  first = step(grads[0], tx.init(params))[0]
+  return {f: ([o[i] for o in outs_a], [o[i] for o in outs_b],
+              [t[i] for t in types], state_a[i], state_b[i], first[i])
+          for i, f in enumerate(FEEDBACKS)}
+
+
+@pytest.mark.parametrize("feedback", FEEDBACKS)
+@pytest.mark.parametrize("name", NAMES)
+def test_state_contract_on_one_worker(name, feedback):
+  """Abstract init, stable types, one trace, donation, bytes == wire cost."""
+  compressor = _compressor(name)
+  tx = gs.sparsify(compressor, feedback=feedback)
+  params = _params()
+  grad = jax.tree.map(lambda g: jnp.asarray(g[0, 0]), _grads())
+
+  abstract = jax.eval_shape(
+      tx.init, jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype),
+                            params))
+  state = tx.init(params)
+  chex.assert_trees_all_equal_shapes_and_dtypes(abstract, state)
+  types = jax.tree.map(jax.typeof, state)
+
+  eager_out, eager_state = tx.update(grad, state)
+  assert jax.tree.map(jax.typeof, eager_state) == types
+
+  outs_a, outs_b, step_types, state_a, state_b, first = _jitted_one_worker(
+      name)[feedback]
+  for out_a, out_b, step_type in zip(outs_a, outs_b, step_types):
+    assert step_type == types
     chex.assert_trees_all_equal(out_a, out_b)
   chex.assert_trees_all_equal(state_a, state_b)
   chex.assert_trees_all_close(jax.tree.map(np.asarray, eager_out),
-                              jax.tree.map(np.asarray, step(grads[0],
-                                                            tx.init(params))[0]),
+                              jax.tree.map(np.asarray, first),
                               rtol=1e-6, atol=1e-7)
 
   stats = gs.comm_stats(state_a)

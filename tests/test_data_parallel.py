@@ -83,19 +83,9 @@ def test_matches_numpy_reference_and_hand_written_shard_map(dp_run):
   assert stats["sent_bytes"] == STEPS * K * 8
 
   # The step a user writes by hand (README "Training under shard_map").
-  tx = _tx()
-  specs = gs.state_partition_specs(jax.eval_shape(tx.init, _params()), AXIS)
-  hand_state = jax.jit(jax.shard_map(tx.init, mesh=mesh, in_specs=P(),
-                                     out_specs=specs))(_params())
-
-  @jax.jit
-  @functools.partial(jax.shard_map, mesh=mesh,
-                     in_specs=(P(), specs, P(AXIS), P(AXIS)),
-                     out_specs=(P(), specs))
-  def hand_step(params, opt_state, x, y):
-    _, grads = gs.local_value_and_grad(_loss, AXIS)(params, x, y)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+  hand_step, hand_state = runners.shard_map_training_step(
+      _tx(), _params(), mesh,
+      lambda p, x, y: gs.local_value_and_grad(_loss, AXIS)(p, x, y)[1])
 
   batch = jax.device_put(_data(), NamedSharding(mesh, P(AXIS)))
   hand_params, hand_state, _ = _run(hand_step, _params(), hand_state, batch)

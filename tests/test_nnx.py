@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import gsparse_jax as gs
+import runners
 
 AXIS = "data"
 WORKERS = 8
@@ -79,19 +80,9 @@ def _nnx_loop(mesh):
 def _plain_loop(mesh):
   params = nnx.to_pure_dict(nnx.state(MLP(nnx.Rngs(0))))
   tx = _tx()
-  specs = gs.state_partition_specs(jax.eval_shape(tx.init, params), AXIS)
-  opt_state = jax.jit(jax.shard_map(tx.init, mesh=mesh, in_specs=P(),
-                                    out_specs=specs))(params)
-
-  @jax.jit
-  @functools.partial(jax.shard_map, mesh=mesh,
-                     in_specs=(P(), specs, P(AXIS), P(AXIS)),
-                     out_specs=(P(), specs))
-  def step(params, opt_state, x, y):
-    grads = gs.local_grad(lambda p: _mse(_plain_forward(p, x), y),
-                          AXIS)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+  step, opt_state = runners.shard_map_training_step(
+      tx, params, mesh, lambda p, x, y: gs.local_grad(
+          lambda p: _mse(_plain_forward(p, x), y), AXIS)(p))
 
   for x, y in _batches():
     params, opt_state = jax.block_until_ready(step(
