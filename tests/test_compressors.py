@@ -150,3 +150,48 @@ def test_errors_follow_the_rule_of_docs_errors_md():
                       lambda: gs.compressor_from_ratio("nope", 0.1)):
     with pytest.raises(ValueError):
       wrong_value()
+
+
+# --------------------------------------------------------------------------
+# Chunked Top-k: a budget per chunk of fixed size (SparseLoCo's selection).
+# --------------------------------------------------------------------------
+
+
+def _chunked_select(chunk, ratio):
+  """NumPy: each chunk's max(1, round(ratio * len)) largest, dense."""
+  def select(a, step, worker):
+    out = np.zeros_like(a)
+    for start in range(0, a.size, chunk):
+      part = a[start:start + chunk]
+      keep = references.top_k_indices(part, max(1, round(ratio * part.size)))
+      out[start + keep] = part[keep]
+    return out
+  return select
+
+
+@pytest.mark.parametrize("d, chunk", [(250, 64), (256, 64), (30, 64)])
+def test_chunked_top_k_with_ef_matches_numpy(d, chunk):
+  compressor = gs.top_k(0.05, chunk=chunk)
+  whole, rest = divmod(d, chunk)
+  assert compressor.budget(d) == whole * round(0.05 * chunk) + (
+      max(1, round(0.05 * rest)) if rest else 0)
+  rng = np.random.default_rng(d)
+  grads = rng.normal(size=(4, 3, d)).astype(np.float32)  # steps, workers, d
+  tx = gs.sparsify(compressor, axis_name="w")
+  state = jax.vmap(lambda _: tx.init(jnp.zeros(d)))(jnp.arange(3))
+  step = jax.jit(jax.vmap(tx.update, axis_name="w"))
+  outputs = []
+  for g in grads:
+    out, state = step(jnp.asarray(g), state)
+    outputs.append(np.asarray(out[0]))
+  run = references.feedback_run(grads, references.per_worker(
+      _chunked_select(chunk, 0.05)), dtype=np.float32)
+  np.testing.assert_allclose(np.stack(outputs), run.outputs, rtol=1e-6,
+                             atol=1e-7)
+  assert gs.comm_stats(state)["sent_values"] == 4 * compressor.budget(d)
+
+
+@pytest.mark.parametrize("chunk", [0, -3, 2.5, "64"])
+def test_chunk_must_be_a_positive_int(chunk):
+  with pytest.raises(ValueError, match="`chunk`"):
+    gs.top_k(0.01, chunk=chunk)

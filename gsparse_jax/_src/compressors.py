@@ -253,8 +253,11 @@ class TopK(Compressor):
   k: Optional[int] = None
   method: str = "auto"
   value_dtype: Optional[Any] = None  # None: the gradient's dtype
+  chunk: Optional[int] = None  # None: one budget over the whole vector
 
   def budget(self, size):
+    if self.chunk is not None:
+      return wire.chunked_budget(self.ratio, size, self.chunk, self.k)
     return wire.budget(self.ratio, size, self.k)
 
   def wire(self, size, value_dtype):
@@ -263,7 +266,11 @@ class TopK(Compressor):
   def select(self, x, state, context):
     del state
     k = self.budget(x.shape[0])
-    indices = selection.top_k_abs(x, k, method=self.method)
+    if self.chunk is None:
+      indices = selection.top_k_abs(x, k, method=self.method)
+    else:
+      indices = selection.chunked_top_k_abs(
+          x, self.chunk, lambda n: wire.budget(self.ratio, n, self.k))
     # Values rounded to `value_dtype` are what travels and what `add_sent`
     # adds, so error feedback keeps the rounding error too.
     return payload_lib.sparse_payload(x, indices, k,
@@ -357,7 +364,8 @@ VALUE_DTYPES = ("bfloat16", "float16", "float32")
 
 
 def top_k(ratio: Optional[float] = None, *, k: Optional[int] = None,
-          method: str = "auto", value_dtype: Any = None) -> TopK:
+          method: str = "auto", value_dtype: Any = None,
+          chunk: Optional[int] = None) -> TopK:
   """Exact Top-k sparsifier: keeps the ``k`` entries of largest magnitude.
 
   Args:
@@ -369,6 +377,10 @@ def top_k(ratio: Optional[float] = None, *, k: Optional[int] = None,
       6 bytes per entry with its int32 index instead of 8); None: the
       gradient's dtype. With error feedback the rounding error stays in
       memory.
+    chunk: None, or chunked Top-k: the vector is cut into chunks of this
+      many entries and each keeps its own ``max(1, round(ratio * chunk))``
+      (``k`` per chunk when ``k`` is given; the shorter last chunk by its
+      own length), as SparseLoCo selects; ``method`` is then unused.
 
   Returns:
     A `Compressor`.
@@ -377,6 +389,8 @@ def top_k(ratio: Optional[float] = None, *, k: Optional[int] = None,
     >>> import gsparse_jax as gs
     >>> gs.top_k(0.01).budget(1000)
     10
+    >>> gs.top_k(0.01, chunk=64).budget(1000)  # 15 chunks of 64, then 40
+    16
 
   Reference: Stich, Cordonnier, Jaggi, "Sparsified SGD with Memory", 2018.
   """
@@ -384,7 +398,9 @@ def top_k(ratio: Optional[float] = None, *, k: Optional[int] = None,
   validation.choice(method, "method", selection.METHODS)
   if value_dtype is not None:
     value_dtype = validation.dtype(value_dtype, "value_dtype", VALUE_DTYPES)
-  return TopK(ratio=ratio, k=k, method=method, value_dtype=value_dtype)
+  chunk = validation.optional_positive_int(chunk, "chunk")
+  return TopK(ratio=ratio, k=k, method=method, value_dtype=value_dtype,
+              chunk=chunk)
 
 
 def rand_k(ratio: float, *, seed: int = 0, shared: bool = True,

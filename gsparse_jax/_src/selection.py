@@ -162,3 +162,35 @@ def compact_at_least(x: jax.Array, threshold: jax.Array, capacity: int, *,
   passed = kernels.total_popcount(words)
   valid = jnp.arange(capacity, dtype=jnp.int32) < passed
   return jnp.where(valid, kernels.unpack_words(words, capacity), size), passed
+
+
+def chunked_top_k_abs(x: jax.Array, chunk: int, k_of) -> jax.Array:
+  """Indices of the entries of largest ``|x|`` within each chunk.
+
+  ``x`` is cut into chunks of ``chunk`` consecutive entries (the last one
+  may be shorter); chunk ``c`` keeps its ``k_of(len(c))`` largest, ties to
+  the lower index (`jax.lax.top_k` per row: chunks are short).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> x = jnp.array([3.0, -1.0, 0.5, -4.0, 2.0])
+    >>> chunked_top_k_abs(x, 2, lambda n: 1).tolist()
+    [0, 3, 4]
+
+  Returns:
+    int32 indices, in increasing chunk order.
+  """
+  x = lax.stop_gradient(jnp.asarray(x))
+  size = x.shape[0]
+  whole = size // chunk
+  parts = []
+  if whole:
+    rows = jnp.abs(x[:whole * chunk].reshape(whole, chunk))
+    picked = lax.top_k(rows, k_of(chunk))[1]
+    offsets = jnp.arange(whole, dtype=jnp.int32)[:, None] * chunk
+    parts.append((picked.astype(jnp.int32) + offsets).reshape(-1))
+  if size - whole * chunk:
+    tail = jnp.abs(x[whole * chunk:])
+    parts.append(lax.top_k(tail, k_of(tail.shape[0]))[1].astype(jnp.int32)
+                 + whole * chunk)
+  return jnp.concatenate(parts)

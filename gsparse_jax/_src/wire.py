@@ -51,6 +51,15 @@ def total_bytes(collectives: tuple[Collective, ...]) -> int:
   return sum(c.bytes for c in collectives)
 
 
+def chunked_budget(ratio: Optional[float], size: int, chunk: int,
+                   k: Optional[int] = None) -> int:
+  """Values kept by a budget per chunk of ``chunk`` entries: `budget` of a
+  chunk for each whole chunk, plus `budget` of the shorter last one."""
+  whole, rest = divmod(size, chunk)
+  return int(whole) * budget(ratio, chunk, k) + (
+      budget(ratio, rest, k) if rest >= 1 else 0)
+
+
 def budget(ratio: Optional[float], size: int, k: Optional[int] = None) -> int:
   """Values kept: ``k = max(1, round(ratio * size))`` (or ``k``), at most size.
 
