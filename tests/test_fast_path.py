@@ -65,6 +65,34 @@ def test_default_dense_update_has_no_full_size_copy_or_conditional():
   assert counts == {"copy": 0, "concatenate": 0, "conditional": 0}, counts
 
 
+def _temp_gradient_sizes(tx, params):
+  """The compiled step's temporary buffers, in gradient sizes."""
+  state = tx.init(params)
+
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+      params, state, params).compile()
+  total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+  return compiled.memory_analysis().temp_size_in_bytes / total
+
+
+def test_default_top_k_ef_update_is_near_the_floor():
+  """Top-k + EF, default global granularity and nonfinite="skip": the only
+  full-size concatenate is ``e + g`` written (into the donated memory) once,
+  no full-size copy or conditional, and one gradient-sized temporary (the
+  mean's scatter base) plus the selection's small buffers. The step before
+  this design held 3.06 gradient sizes of temporaries and a copy of the
+  memory."""
+  params = _transformer_like()
+  tx = optax.chain(gs.sparsify(gs.top_k(0.01)), optax.sgd(0.1))
+  _, counts = _full_size_ops(tx, params)
+  assert counts == {"copy": 0, "concatenate": 1, "conditional": 0}, counts
+  assert _temp_gradient_sizes(tx, params) < 1.25
+
+
 def test_the_check_would_see_a_conditional():
   """The counter is not blind: a `lax.cond` around the update is found."""
   params = _transformer_like()

@@ -300,12 +300,19 @@ def test_nonfinite_skip_keeps_state_on_every_worker(feedback, context, mesh):
 
 
 @pytest.mark.parametrize("context", runners.CONTEXTS)
-def test_skipped_step_keeps_compressor_state_and_every_leaf(context, mesh):
-  """A NaN in one leaf of one worker, global granularity over two leaves and
-  a compressor with state (RegTop-k's posterior statistics): the skipped
-  step outputs zeros in every leaf, and memory, compressor state and count
-  are bit for bit those of a run that never saw it."""
-  tx = gs.sparsify(gs.reg_top_k(0.25), axis_name=runners.AXIS)
+@pytest.mark.parametrize("compressor", [
+    gs.reg_top_k(0.25),  # sparse payload masked; state kept by a select
+    gs.rand_k(0.25),  # aligned payload masked
+    gs.sign(),  # a format of its own: memory kept by a select
+], ids=["reg_top_k", "rand_k", "sign"])
+def test_skipped_step_keeps_compressor_state_and_every_leaf(
+    compressor, context, mesh):
+  """A NaN in one leaf of one worker, global granularity over two leaves,
+  EF: the skipped step outputs zeros in every leaf, and memory, compressor
+  state (RegTop-k's posterior statistics) and count are bit for bit those
+  of a run that never saw it, whether the memory is kept by the arithmetic
+  (a masked payload) or by a select."""
+  tx = gs.sparsify(compressor, axis_name=runners.AXIS)
   params = {"a": jnp.zeros((4, 3)), "b": jnp.zeros((5,))}
   rng = np.random.default_rng(7)
   grads = {"a": rng.normal(size=(4, WORKERS, 4, 3)).astype(np.float32),

@@ -18,6 +18,13 @@ chosen by name in one place, `rule`.
   improves error feedback!", 2023, arXiv 2305.15155): first
   ``v <- momentum * v + (1 - momentum) * g``, then EF21 on ``v``.
 
+A skipped step (a non-finite gradient somewhere) runs the same code: given
+``applied`` false, `prepare` returns a finite vector and the memory as it
+was, and `finish`, given a payload that stands for nothing (every slot
+padding, `payload.masked`), leaves the worker memory bit for bit as it was,
+so the step needs no select over the memory afterwards (which would keep the
+old memory alive and make XLA copy the new one into place).
+
 Worker memories start at zero (so EF21's first step sends ``C(g_0)``, where the
 reference ARC-Top-K code starts from one dense all-reduce of ``g_0``).
 """
@@ -26,13 +33,14 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from gsparse_jax._src import compressors
 from gsparse_jax._src import payload as payload_lib
+from gsparse_jax._src import pieces as pieces_lib
 
 
 class EF21Memory(NamedTuple):
@@ -50,13 +58,28 @@ class EF21MMemory(NamedTuple):
 class FeedbackRule(abc.ABC):
   """One error-feedback rule, for one flat segment of one worker."""
 
+  # Whether `prepare` and `finish` keep the worker memory of a skipped step
+  # by themselves (given a masked payload); if not, `sparsify` restores it
+  # with a select afterwards.
+  skip_by_arithmetic: ClassVar[bool] = True
+
   @abc.abstractmethod
   def init(self, size: int) -> tuple[Any, Any]:
     """(per-worker memory, memory identical on all workers), float32."""
 
   @abc.abstractmethod
-  def prepare(self, grad: jax.Array, memory: Any) -> tuple[jax.Array, Any]:
-    """(the vector to compress, this worker's memory updated so far)."""
+  def prepare(self, grad: pieces_lib.Pieces, memory: Any,
+              applied: jax.Array) -> tuple[jax.Array, Any]:
+    """(the vector to compress, this worker's memory updated so far).
+
+    Args:
+      grad: the segment's gradient, as its leaves' pieces (computed on with
+        `Pieces.map`, so XLA never materializes the concatenated gradient).
+      memory: this worker's memory, float32.
+      applied: bool scalar; false in a skipped step, where (if
+        `skip_by_arithmetic`) the vector must be finite and the memory
+        returned is ``memory`` bit for bit.
+    """
 
   @abc.abstractmethod
   def finish(self, accumulated: jax.Array,
@@ -86,8 +109,10 @@ class NoFeedback(FeedbackRule):
   def init(self, size):
     return (), ()
 
-  def prepare(self, grad, memory):
-    return grad, memory
+  def prepare(self, grad, memory, applied):
+    # Nothing to keep; a skipped step's outputs are zeroed by `sparsify`.
+    del applied
+    return grad.vector(), memory
 
   def finish(self, accumulated, compressor, sent, mean, memory, shared):
     return mean, memory, shared
@@ -99,8 +124,10 @@ class ErrorFeedback(FeedbackRule):
   def init(self, size):
     return _zeros(size), ()
 
-  def prepare(self, grad, memory):
-    return memory + grad, memory
+  def prepare(self, grad, memory, applied):
+    # Skipped: a = e, and finishing with nothing sent leaves e as it was.
+    return grad.map(lambda g, e: jnp.where(applied, e + g, e),
+                    memory), memory
 
   def finish(self, accumulated, compressor, sent, mean, memory, shared):
     return mean, compressor.add_sent(accumulated, sent, -1.0), shared
@@ -112,8 +139,9 @@ class EF21(FeedbackRule):
   def init(self, size):
     return EF21Memory(_zeros(size)), _zeros(size)
 
-  def prepare(self, grad, memory):
-    return grad - memory.estimate, memory
+  def prepare(self, grad, memory, applied):
+    return grad.map(lambda g, h: jnp.where(applied, g - h, 0.0),
+                    memory.estimate), memory
 
   def finish(self, accumulated, compressor, sent, mean, memory, shared):
     estimate = compressor.add_sent(memory.estimate, sent, 1.0)
@@ -130,9 +158,17 @@ class EF21M(EF21):
   def init(self, size):
     return EF21MMemory(_zeros(size), _zeros(size)), _zeros(size)
 
-  def prepare(self, grad, memory):
-    velocity = self.momentum * memory.momentum + (1.0 - self.momentum) * grad
-    return velocity - memory.estimate, memory._replace(momentum=velocity)
+  # The momentum of a skipped step is restored by a select afterwards:
+  # folded into its arithmetic (per piece or not), XLA:CPU rounds
+  # ``b v + (1 - b) g`` differently in the last bit of some entries.
+  skip_by_arithmetic: ClassVar[bool] = False
+
+  def prepare(self, grad, memory, applied):
+    del applied
+    velocity = (self.momentum * memory.momentum
+                + (1.0 - self.momentum) * grad.vector())
+    change = velocity - memory.estimate
+    return change, memory._replace(momentum=velocity)
 
 
 # The one place rules are chosen by name.

@@ -81,11 +81,47 @@ def dense_payload(x: jax.Array, wire_dtype) -> Payload:
                  layout=DENSE)
 
 
+# Layouts whose payload can be made to stand for nothing by padding every
+# slot: its scatters (aggregation, `add_sent`) then drop every entry, so
+# adding it leaves any vector bit for bit as it was (a dense payload of
+# zeros would not: -0.0 + 0.0 is +0.0).
+MASKABLE_LAYOUTS = (SPARSE, ALIGNED)
+
+
+def masked(payload: Payload, keep: jax.Array) -> Payload:
+  """``payload``, or (``keep`` false) one of the same shapes standing for
+  nothing: every index padding (``size``), every value 0, count 0.
+
+  For the layouts in `MASKABLE_LAYOUTS` only; the selects are on the
+  ``capacity`` slots, not on a ``size`` vector.
+  """
+  if payload.layout not in MASKABLE_LAYOUTS:
+    raise ValueError(f"masked: layout {payload.layout!r} is not one of "
+                     f"{MASKABLE_LAYOUTS}.")
+  return dataclasses.replace(
+      payload,
+      indices=jnp.where(keep, payload.indices, payload.size),
+      values=jnp.where(keep, payload.values, 0).astype(payload.values.dtype),
+      count=jnp.where(keep, payload.count, 0))
+
+
+def late_zeros(payload: Payload, dtype=jnp.float32) -> jax.Array:
+  """A ``[size]`` vector of +0.0, computed from the payload's indices.
+
+  The value is that of ``jnp.zeros``, but a constant broadcast has no
+  operands, so XLA:CPU schedules it at the start of the step, where it is
+  alive beside every other temporary; made from the indices it is created
+  after the selection, in the space of temporaries already dead.
+  """
+  zero = jnp.minimum(payload.indices[0], 0).astype(dtype)  # indices >= 0
+  return jnp.broadcast_to(zero, (payload.size,))
+
+
 def decompress(payload: Payload, dtype=jnp.float32) -> jax.Array:
   """The dense ``[size]`` vector a standard-layout payload stands for."""
   if payload.layout == DENSE:
     return payload.values.astype(dtype)
-  base = jnp.zeros((payload.size,), dtype)
+  base = late_zeros(payload, dtype)
   return base.at[payload.indices].add(payload.values.astype(dtype),
                                       mode="drop")
 

@@ -7,12 +7,17 @@ compressor state of this worker (leading worker axis of local size 1, so a
 `shard_map` can shard it over the mesh and checkpoints hold every worker's),
 the step count, and the communication statistics.
 
-One step is a short pipeline: check the input against the state's segment
-plan (`segments.segment_plan`, worked out once by `init`), flatten the float
-leaves into its segments, then, per segment, feedback `prepare` ->
-compressor `agree`/`select` -> compressor `aggregate` -> feedback `finish` ->
-compressor `update`; a non-finite step is skipped by selecting the old state
-and zero outputs (selects, not a `lax.cond`: see `nonfinite`).
+One step is a short pipeline (`update_fn`): `_checked_input` checks the
+gradient against the state's segment plan (`segments.segment_plan`, worked
+out once by `init`); `nonfinite.all_finite` decides whether the step is
+applied; `_step` runs, per segment, feedback `prepare` (on the segment's
+leaves as `pieces.Pieces`, never a materialized concatenation) -> compressor
+`agree`/`select` -> compressor `aggregate` -> feedback `finish` -> compressor
+`update`; `_record` counts it and `_unflatten` cuts the outputs back into
+leaves. A skipped (non-finite) step runs the same code: its payloads are
+masked to stand for nothing, so the memories come out as they went in,
+and only small results are kept by selects (selects, not a `lax.cond`:
+see `nonfinite`).
 The generic code here knows compressors and feedback rules only through
 their contracts (`compressors.Compressor`, `feedback.FeedbackRule`).
 
@@ -43,6 +48,7 @@ from gsparse_jax._src import feedback as feedback_lib
 from gsparse_jax._src import layout
 from gsparse_jax._src import nonfinite as nonfinite_lib
 from gsparse_jax._src import payload as payload_lib
+from gsparse_jax._src import pieces as pieces_lib
 from gsparse_jax._src import segments as segments_lib
 from gsparse_jax._src import state_checks as checks
 from gsparse_jax._src import stats as stats_lib
@@ -88,10 +94,13 @@ class SparsifyState(NamedTuple):
 
 
 class StepInputs(NamedTuple):
-  """What one step reads: the count, the segments' gradients and this
-  worker's state (without its worker axis)."""
+  """What one step reads: the count, whether the step is applied (false:
+  a non-finite gradient somewhere, the step is skipped), the segments'
+  gradients (`pieces.Pieces`) and this worker's state (without its worker
+  axis)."""
 
   count: jax.Array
+  applied: jax.Array
   grads: list
   memory: tuple
   compressor_state: tuple
@@ -234,46 +243,31 @@ def sparsify(compressor: compressors.Compressor, *, feedback: str = "ef",
 
   def update_fn(updates, state, params=None):
     del params
-    checks.check_leaves(updates, "updates")
-    if not isinstance(state, SparsifyState):
-      raise TypeError("sparsify's update got a `state` that is not a "
-                      f"SparsifyState: {type(state).__name__}.")
-    plan = checks.plan_for_update(updates, state.plan, axis_name)
-    leaves, treedef = jax.tree.flatten(updates)
-    if axis_name is None:
-      checks.warn_if_already_reduced(leaves)
+    plan, leaves, treedef = _checked_input(updates, state, axis_name)
     segments = plan.segments
-    checks.check_segments(state, segments, updates, axis_name)
-    # The gradient is the sum over the inner devices: make it their mean.
-    inner_scale = 1.0 / axes.num_workers(inner_axes)
-    grads = _segment_vectors(leaves, segments, inner_scale)
-    inputs = StepInputs(state.count, grads, layout.local(state.memory),
-                        layout.local(state.compressor_state),
-                        state.shared_memory)
+    leaf_ids = [i for s in segments for i in s.leaf_ids]
     # The check reads the leaves, not the segments: a reduction over a
     # concatenated segment makes XLA materialize the concatenation.
-    leaf_ids = [i for s in segments for i in s.leaf_ids]
     applied = nonfinite_lib.all_finite([leaves[i] for i in leaf_ids],
                                        (axis_name, *inner_axes), nonfinite)
-    compressed = lambda ins: _step_segments(segments, rule, workers,
-                                            memory_dtype, ins)
+    # The gradient is the sum over the inner devices: make it their mean.
+    inner_scale = 1.0 / axes.num_workers(inner_axes)
+    inputs = StepInputs(
+        state.count, applied,
+        [pieces_lib.of_leaves(leaves, s.leaf_ids, inner_scale)
+         for s in segments],
+        layout.local(state.memory), layout.local(state.compressor_state),
+        state.shared_memory)
     warm = None
     if warmup_steps:
       warm = state.count < warmup_steps
-      outcome = axes.cond(
-          warm, lambda ins: _dense_step(segments, workers, ins), compressed,
-          inputs)
-    else:
-      outcome = compressed(inputs)
-    if nonfinite != "ignore":
-      # The state as it was, the statistics of a skipped step.
-      fields = ("memory", "compressor_state", "shared_memory")
-      outcome = outcome._replace(
-          **dict(zip(fields, nonfinite_lib.keep_if_skipped(
-              applied, [getattr(outcome, f) for f in fields],
-              [getattr(inputs, f) for f in fields]))),
-          sent_values=jnp.where(applied, outcome.sent_values, 0),
-          overflow=jnp.where(applied, outcome.overflow, 0))
+      if not rule.skip_by_arithmetic:
+        # Concatenated before the warm-up's cond, as this rule computes on
+        # the vector: inside a branch XLA:CPU fuses the concatenation into
+        # the arithmetic and rounds the last bit of some entries otherwise.
+        inputs = inputs._replace(grads=[
+            pieces_lib.Pieces((g.vector(),)) for g in inputs.grads])
+    outcome = _step(segments, rule, workers, memory_dtype, warm, inputs)
     new_state = state._replace(
         count=state.count + applied.astype(jnp.int32),
         memory=layout.per_worker(outcome.memory),
@@ -282,19 +276,66 @@ def sparsify(compressor: compressors.Compressor, *, feedback: str = "ef",
         stats=_record(state.stats, plan, applied, outcome,
                       bool(inner_axes), warm, workers.size))
     outputs = _unflatten(outcome.outputs, leaves, segments, treedef)
-    if nonfinite != "ignore":
-      outputs = nonfinite_lib.zero_if_skipped(outputs, leaf_ids, applied)
-    return outputs, new_state
+    return nonfinite_lib.zero_if_skipped(outputs, leaf_ids,
+                                         applied), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _segment_vectors(leaves, segments, scale: float) -> list:
-  """Each segment's flat float32 vector: its leaves concatenated in order
-  (times ``scale``, the inner devices' mean under two-level parallelism)."""
-  grads = [jnp.concatenate([leaves[i].reshape(-1).astype(jnp.float32)
-                            for i in s.leaf_ids]) for s in segments]
-  return grads if scale == 1.0 else [g * scale for g in grads]
+def _checked_input(updates, state, axis_name):
+  """(the state's segment plan, the gradient's leaves, its treedef), after
+  checking the gradient and the state against each other."""
+  checks.check_leaves(updates, "updates")
+  if not isinstance(state, SparsifyState):
+    raise TypeError("sparsify's update got a `state` that is not a "
+                    f"SparsifyState: {type(state).__name__}.")
+  plan = checks.plan_for_update(updates, state.plan, axis_name)
+  leaves, treedef = jax.tree.flatten(updates)
+  if axis_name is None:
+    checks.warn_if_already_reduced(leaves)
+  checks.check_segments(state, plan.segments, updates, axis_name)
+  return plan, leaves, treedef
+
+
+def _step(segments, rule, workers, memory_dtype, warm,
+          inputs: StepInputs) -> StepOutcome:
+  """The step, applied or skipped: compressed, or during the warm-up
+  (``warm`` true) dense; a skipped step's outcome keeps the state.
+
+  The selects that keep the state run on what is small (compressor state,
+  counts) or what must stay (EF21's shared memory); the worker memories of
+  segments whose payload can stand for nothing are kept by the arithmetic
+  itself (`feedback`), so that XLA updates them in place.
+  """
+  compressed = lambda ins: _step_segments(segments, rule, workers,
+                                          memory_dtype, ins)
+  if warm is None:
+    outcome = compressed(inputs)
+  else:
+    outcome = axes.cond(
+        warm, lambda ins: _dense_step(segments, workers, ins), compressed,
+        inputs)
+  applied = inputs.applied
+  memory = tuple(
+      new if _memory_kept_by_arithmetic(segment, rule)
+      else nonfinite_lib.keep_if_skipped(applied, new, old)
+      for segment, new, old in zip(segments, outcome.memory, inputs.memory))
+  compressor_state, shared_memory = nonfinite_lib.keep_if_skipped(
+      applied, [outcome.compressor_state, outcome.shared_memory],
+      [inputs.compressor_state, inputs.shared_memory])
+  return outcome._replace(
+      memory=memory, compressor_state=compressor_state,
+      shared_memory=shared_memory,
+      sent_values=jnp.where(applied, outcome.sent_values, 0),
+      overflow=jnp.where(applied, outcome.overflow, 0))
+
+
+def _memory_kept_by_arithmetic(segment, rule) -> bool:
+  """Whether a skipped step leaves the segment's worker memory as it was
+  without a select: its payload can be masked to stand for nothing and the
+  rule keeps its memory given such a payload (`feedback`)."""
+  return (not segment.kept_dense and rule.skip_by_arithmetic
+          and segment.compressor.layout in payload_lib.MASKABLE_LAYOUTS)
 
 
 def _step_segments(segments, rule: feedback_lib.FeedbackRule,
@@ -303,7 +344,7 @@ def _step_segments(segments, rule: feedback_lib.FeedbackRule,
   """Every segment's step: feedback `prepare`, compressor `agree`/`select`
   and `aggregate`, feedback `finish`, compressor `update` (a segment kept
   dense: its workers' mean)."""
-  count, grads, memory, comp_state, shared_memory = inputs
+  count, applied, grads, memory, comp_state, shared_memory = inputs
   as_f32 = lambda tree: jax.tree.map(lambda m: m.astype(jnp.float32), tree)
   stored = lambda tree: jax.tree.map(lambda m: m.astype(memory_dtype), tree)
   outs, new_memory, new_comp, new_shared = [], [], [], []
@@ -311,16 +352,18 @@ def _step_segments(segments, rule: feedback_lib.FeedbackRule,
   for index, (segment, grad) in enumerate(zip(segments, grads)):
     c = segment.compressor
     if segment.kept_dense:
-      outs.append(_dense_mean(segment, grad, workers))
+      outs.append(_dense_mean(segment, grad.vector(), workers))
       new_memory.append(memory[index])
       new_comp.append(comp_state[index])
       new_shared.append(shared_memory[index])
       sent_values = sent_values + segment.size
       continue
-    x, worker_mem = rule.prepare(grad, as_f32(memory[index]))
+    x, worker_mem = rule.prepare(grad, as_f32(memory[index]), applied)
     sent = compressors.compress(c, x, comp_state[index],
                                 segment_key(count, index), workers.axis_name,
                                 segment.wire_dtype)
+    if _memory_kept_by_arithmetic(segment, rule):
+      sent = payload_lib.masked(sent, applied)
     received = c.aggregate(sent, workers)
     out, worker_mem, shared = rule.finish(
         x, c, sent, received.mean, worker_mem, as_f32(shared_memory[index]))
@@ -338,7 +381,8 @@ def _dense_step(segments, workers: workers_lib.Workers,
                 inputs: StepInputs) -> StepOutcome:
   """A warm-up step: every segment all-reduced densely (as `dense()` sends
   it, at its wire dtype), memories and compressor state as they were."""
-  outs = [_dense_mean(s, g, workers) for s, g in zip(segments, inputs.grads)]
+  outs = [_dense_mean(s, g.vector(), workers)
+          for s, g in zip(segments, inputs.grads)]
   return StepOutcome(outs, inputs.memory, inputs.compressor_state,
                      inputs.shared_memory,
                      jnp.asarray(sum(s.size for s in segments), jnp.int32),
