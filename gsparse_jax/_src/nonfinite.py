@@ -1,11 +1,15 @@
 """Steps with a non-finite gradient: detected on every device, skipped
 on every worker (``sparsify(..., nonfinite="skip")``) or raised.
 
-A skipped step keeps the state bit for bit and outputs zeros. Both are
-selects on the step's results, not a `lax.cond` around the step: XLA fuses
-each select into the computation of its result (the old value is read there
-anyway), while a conditional materializes its operands and results around
-the branch computations (on XLA:CPU several full copies of the gradient).
+A skipped step keeps the state bit for bit and outputs zeros. Nothing is
+a `lax.cond` around the step (a conditional materializes its operands and
+results around the branch computations: on XLA:CPU several full copies of
+the gradient). Error memories are kept by the arithmetic itself where the
+payload can be masked (`sparsify` runs the step with a payload that stands
+for nothing); everything else is kept by the selects here, each fused by
+XLA into the computation of its result (the old value is read there
+anyway). A select over a large memory would keep the old memory alive
+beside the new one and make XLA copy the new one into the donated buffer.
 """
 
 from __future__ import annotations
