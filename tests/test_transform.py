@@ -300,6 +300,34 @@ def test_nonfinite_skip_keeps_state_on_every_worker(feedback, context, mesh):
 
 
 @pytest.mark.parametrize("context", runners.CONTEXTS)
+def test_finite_gradient_whose_sum_overflows_is_applied(context, mesh):
+  """The check's quick sum overflows to inf on huge finite entries (and is
+  NaN on inf - inf): the exact count then decides. A finite step whose
+  sum overflows is applied, bit for bit as with ``nonfinite="ignore"``;
+  a step with +inf and -inf entries (their sum is NaN) is skipped."""
+  params = {"w": jnp.zeros((8,)), "b": jnp.zeros((3,))}
+  grads = np.random.default_rng(9).normal(
+      size=(3, WORKERS, 8)).astype(np.float32)
+  grads[0, 0, :2] = 2e38  # finite; worker 0's sum is inf, the mean is not
+  grads[2, 1, 0], grads[2, 1, 1] = np.inf, -np.inf
+  tree = {"w": jnp.asarray(grads), "b": jnp.ones((3, WORKERS, 3))}
+  outs, state = runners.run_steps(
+      gs.sparsify(gs.top_k(0.25), axis_name=runners.AXIS), params, tree,
+      context, mesh)
+  ref, ref_state = runners.run_steps(
+      gs.sparsify(gs.top_k(0.25), axis_name=runners.AXIS,
+                  nonfinite="ignore"), params,
+      jax.tree.map(lambda g: g[:2], tree), context, mesh)
+  for got, want in zip(jax.tree.leaves(outs), jax.tree.leaves(ref)):
+    assert np.all(np.isfinite(want))
+    np.testing.assert_array_equal(got[:2], want)
+    np.testing.assert_array_equal(got[2], 0.0)
+  chex.assert_trees_all_equal(state.memory, ref_state.memory)
+  stats = gs.comm_stats(state)
+  assert stats["steps"] == 3 and stats["skipped_steps"] == 1
+
+
+@pytest.mark.parametrize("context", runners.CONTEXTS)
 @pytest.mark.parametrize("compressor", [
     gs.reg_top_k(0.25),  # sparse payload masked; state kept by a select
     gs.rand_k(0.25),  # aligned payload masked

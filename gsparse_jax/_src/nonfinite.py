@@ -1,6 +1,12 @@
 """Steps with a non-finite gradient: detected on every device, skipped
 on every worker (``sparsify(..., nonfinite="skip")``) or raised.
 
+The check is one read of every gradient leaf, a plain sum per leaf: NaN
+or inf in a leaf makes its sum non-finite. A finite leaf whose sum
+overflows does too, so a non-finite quick sum only sends the check to an
+exact count (a `lax.cond` whose result is a scalar; the gradient is read
+in place, nothing is copied), and finite steps are never skipped.
+
 A skipped step keeps the state bit for bit and outputs zeros. Nothing is
 a `lax.cond` around the step (a conditional materializes its operands and
 results around the branch computations: on XLA:CPU several full copies of
@@ -31,16 +37,34 @@ def all_finite(grads, axis_names, nonfinite) -> jax.Array:
   """
   if nonfinite == "ignore" or not grads:
     return jnp.asarray(True)
-  # sum(g - g) is NaN iff g holds a NaN or inf (and never overflows); an
-  # arithmetic reduction is faster on XLA:CPU than counting a comparison,
-  # and unlike `g * 0.0` it does not make XLA:CPU materialize a broadcast
-  # zero operand of the gradient's size.
-  bad = sum((~jnp.isfinite(jnp.sum(g - g))).astype(jnp.int32)
-            for g in grads)
+  # A plain sum is the cheapest full read XLA:CPU has (about half an sgd
+  # step at 29M parameters, against 0.7 for `sum(g - g)`); it is non-finite
+  # whenever a leaf holds a NaN or inf, and also when finite entries
+  # overflow, so only then does the exact count run (a `lax.cond` with a
+  # scalar result: nothing is copied, the branch reads the leaves in place).
+  # (The quick count, zero in the taken branch, is that branch's result:
+  # it varies over the same mesh axes as the exact one.)
+  quick = _count_bad(grads, jnp.sum)
+  bad = jax.lax.cond(quick == 0, lambda leaves, zero: zero,
+                     lambda leaves, _: _exact_count(leaves), grads, quick)
   bad = axes.sum_everywhere(bad, [a for a in axis_names if a is not None])
   if nonfinite == "raise":
     jax.debug.callback(_raise_if_bad, bad > 0)
   return bad == 0
+
+
+def _count_bad(grads, reduce) -> jax.Array:
+  """Number of leaves whose ``reduce`` is non-finite."""
+  return sum((~jnp.isfinite(reduce(g))).astype(jnp.int32) for g in grads)
+
+
+def _exact_count(grads) -> jax.Array:
+  """Number of leaves holding a NaN or inf."""
+  # sum(g - g) is NaN iff g holds a NaN or inf (and never overflows); an
+  # arithmetic reduction is faster on XLA:CPU than counting a comparison,
+  # and unlike `g * 0.0` it does not make XLA:CPU materialize a broadcast
+  # zero operand of the gradient's size.
+  return _count_bad(grads, lambda g: jnp.sum(g - g))
 
 
 def keep_if_skipped(applied: jax.Array, new, old):
