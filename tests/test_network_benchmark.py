@@ -11,6 +11,7 @@ import time
 import pytest
 
 from benchmarks import network
+import gsparse_jax as gs
 
 WIDTHS = (16, 32, 10)  # leaves of 32, 512, 10 and 320 entries: 874 params
 ROW_KEYS = {"compressor", "processes", "rate_gbit", "params", "step_s",
@@ -21,8 +22,11 @@ ROW_KEYS = {"compressor", "processes", "rate_gbit", "params", "step_s",
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
+  # Layer granularity (a budget per leaf), so that the byte count below is
+  # worked by hand per leaf; the default (global) is what `main` runs.
   plan = network.make_plan(widths=[WIDTHS], compressors=["dense", "top_k"],
-                           rates=[None], min_repeats=2, max_repeats=2,
+                           rates=[None], granularity="layer",
+                           min_repeats=2, max_repeats=2,
                            cell_budget_s=0.1, calibration_max_bytes=2**16)
   rates = []
   group = network.run_group(2, plan, rates.append, timeout_s=240,
@@ -166,3 +170,11 @@ def test_diloco_projection_amortizes_one_sync_over_h_steps():
           gs.quantized_top_k(0.01, bits=2), 10**6, 4, net).communication_s)
   table = network.diloco_table(projected)
   assert len(table) == 2 + 4 and "diloco H=50 top1%+2bit" in table[-1]
+
+
+def test_default_granularity_is_sparsify_default():
+  # The benchmark measures what a user gets from `gs.sparsify(c)`.
+  import inspect
+  default = inspect.signature(gs.sparsify).parameters["granularity"].default
+  assert network.make_plan()["granularity"] == default == "global"
+  assert network.parse_args(["--out", "x"]).granularity == default
