@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import inspect
 import json
 import math
 import os
@@ -74,6 +75,8 @@ DEFAULT_COMPRESSORS = ("dense", "top_k", "rand_k", "arc_top_k",
 MODEL_WIDTHS = ((256, 1024, 768, 10), (1024, 4096, 4096, 1024, 10))
 RATES = (None, 10.0, 1.0, 0.1)  # Gbit/s; None: unshaped loopback
 RATIO = 0.01
+# What a user gets from `gs.sparsify(c)`.
+GRANULARITY = inspect.signature(gs.sparsify).parameters["granularity"].default
 SLOW_S = 0.05  # the accuracy target covers steps above 50 ms
 # DiLoCo rows (projected, not measured): a sync every H steps of the
 # pseudo-gradient dense or as SparseLoCo's payload, at these rates.
@@ -92,7 +95,7 @@ WORKER_ENV = {
 
 
 def make_plan(*, widths=MODEL_WIDTHS, compressors=DEFAULT_COMPRESSORS,
-              rates=RATES, calibrate=True, ratio=RATIO, granularity="global",
+              rates=RATES, calibrate=True, ratio=RATIO, granularity=GRANULARITY,
               batch_per_worker=8, min_repeats=3, max_repeats=7,
               cell_budget_s=10.0, calibration_max_bytes=2**26, lr=1e-3,
               seed=0) -> dict:
@@ -652,9 +655,9 @@ def parse_args(argv):
   parser.add_argument("--compressors", nargs="+", default=None,
                       choices=gs.compressor_names())
   parser.add_argument("--granularity", choices=("layer", "global"),
-                      default="global",
-                      help="sparsify's granularity (default global, as "
-                           "sparsify's own default)")
+                      default=GRANULARITY,
+                      help="sparsify's granularity (default: sparsify's "
+                           "own, %(default)s)")
   parser.add_argument("--timeout-s", type=float, default=None,
                       help="kill everything after this long")
   parser.add_argument("--from-json", metavar="DIR",

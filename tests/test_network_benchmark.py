@@ -2,6 +2,7 @@
 needed), the JSON schema, the model's error summary, and the one-line exit
 where no network namespace can be made."""
 
+import inspect
 import json
 import math
 import subprocess
@@ -174,7 +175,6 @@ def test_diloco_projection_amortizes_one_sync_over_h_steps():
 
 def test_default_granularity_is_sparsify_default():
   # The benchmark measures what a user gets from `gs.sparsify(c)`.
-  import inspect
   default = inspect.signature(gs.sparsify).parameters["granularity"].default
   assert network.make_plan()["granularity"] == default == "global"
   assert network.parse_args(["--out", "x"]).granularity == default
