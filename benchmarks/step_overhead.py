@@ -405,8 +405,9 @@ def _plot_charlm(result):
   def plot(ax):
     names = list(steps)
     ax.barh(names, [steps[n]["seconds"] * 1e3 for n in names])
-    ax.set_xlabel(f"ms per step (charlm, {result['model']['parameters']:,} "
-                  f"params, batch {result['model']['batch']}, one device)")
+    ax.set_xlabel("ms per step")
+    ax.set_title(f"charlm, {result['model']['parameters']:,} params, batch "
+                 f"{result['model']['batch']}, one device", fontsize=9)
 
   return plot
 
@@ -432,7 +433,7 @@ def run_model(args) -> dict:
     pass
   _common.write_json(args.out, name, result)
   _common.write_plot(args.out, name, plot,
-                     figsize=(10, 5) if args.model == "transformer" else None)
+                     figsize=(10, 5) if args.model == "transformer" else (9, 4))
   if args.model == "transformer":
     for cname, group in result["groups"].items():
       b = group["baselines"]
