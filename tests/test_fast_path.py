@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import gsparse_jax as gs
 
@@ -110,3 +111,50 @@ def test_the_check_would_see_a_conditional():
           lambda: (jax.tree.map(jnp.zeros_like, g), s)))
   _, counts = _full_size_ops(tx, params)
   assert counts["conditional"] >= 1
+
+
+def _per_worker_copies(tx, params):
+  """Copies of per-worker state arrays (``[1, n]``: a worker memory) in the
+  compiled step, over every computation."""
+  state = tx.init(params)
+
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  text = jax.jit(step, donate_argnums=(0, 1)).lower(
+      params, state, params).compile().as_text()
+  return sum(1 for line in text.splitlines()
+             if re.search(r"= f32\[1,\d+\]\S* copy\(", line))
+
+
+@pytest.mark.parametrize("compressor, granularity", [
+    (gs.cast(), "global"), (gs.sign(), "layer")])
+def test_memory_kept_by_select_is_written_in_place(compressor, granularity):
+  """Compressors whose skipped step keeps the memory by a select (their
+  payload cannot stand for nothing): the select is written into the
+  donated memory's buffer, not into a temporary copied there (one full
+  copy of the memory per step before)."""
+  tx = optax.chain(gs.sparsify(compressor, granularity=granularity),
+                   optax.sgd(0.1))
+  assert _per_worker_copies(tx, _transformer_like()) == 0
+
+
+def test_the_copy_counter_sees_a_memory_copy():
+  """Not blind: selecting on the local view of the memory, as before,
+  leaves one copy per memory."""
+  params = _transformer_like()
+  base = gs.sparsify(gs.cast())
+
+  def update(g, s, p=None):
+    out, new = base.update(g, s, p)
+    # A select on the local [size] view of the stored [1, size] memory.
+    memory = tuple(
+        jax.tree.map(lambda n, o: jnp.where(jnp.isfinite(n[0, 0]), n[0],
+                                            o[0])[None], m_new, m_old)
+        for m_new, m_old in zip(new.memory, s.memory))
+    return out, new._replace(memory=memory)
+
+  tx = optax.chain(optax.GradientTransformation(base.init, update),
+                   optax.sgd(0.1))
+  assert _per_worker_copies(tx, params) >= 1

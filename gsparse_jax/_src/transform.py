@@ -39,7 +39,6 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from gsparse_jax._src import axes
@@ -204,13 +203,7 @@ def sparsify(compressor: compressors.Compressor, *, feedback: str = "ef",
                     f"{axis_name!r}.")
   memory_dtype = validation.dtype(memory_dtype, "memory_dtype", MEMORY_DTYPES)
   inner_axes = checks.check_inner_axes(inner_axes, axis_name)
-  if keep_dense is not None and not callable(keep_dense) and not all(
-      isinstance(flag, (bool, np.bool_)) for flag in jax.tree.leaves(
-          keep_dense)):
-    raise ValueError(
-        "`keep_dense` must be None, a (path, leaf) -> bool predicate (e.g. "
-        "gs.small_or_vector_leaves()) or a pytree of bools; got "
-        f"{keep_dense!r}.")
+  keep_dense = segments_lib.check_keep_dense(keep_dense)
   warmup_steps = validation.count(warmup_steps, "warmup_steps", minimum=0)
   if granularity == "global" and compressor.needs_shape:
     warnings.warn(
@@ -318,7 +311,7 @@ def _step(segments, rule, workers, memory_dtype, warm,
   applied = inputs.applied
   memory = tuple(
       new if _memory_kept_by_arithmetic(segment, rule)
-      else nonfinite_lib.keep_if_skipped(applied, new, old)
+      else _memory_kept_by_select(applied, new, old)
       for segment, new, old in zip(segments, outcome.memory, inputs.memory))
   compressor_state, shared_memory = nonfinite_lib.keep_if_skipped(
       applied, [outcome.compressor_state, outcome.shared_memory],
@@ -328,6 +321,20 @@ def _step(segments, rule, workers, memory_dtype, warm,
       shared_memory=shared_memory,
       sent_values=jnp.where(applied, outcome.sent_values, 0),
       overflow=jnp.where(applied, outcome.overflow, 0))
+
+
+def _memory_kept_by_select(applied, new, old):
+  """``new`` or (a skipped step) ``old`` worker memory, selected at the
+  stored per-worker shape ``[1, size]``.
+
+  So XLA writes the select into the donated memory's buffer. Selected on
+  the local ``[size]`` view (a bitcast of the stored array), it computed the
+  select into a temporary and copied that into the buffer: one full copy of
+  the memory per step (cast, sign, PowerSGD, QSGD, ...; see
+  ``benchmarks/README.md``).
+  """
+  return layout.local(nonfinite_lib.keep_if_skipped(
+      applied, layout.per_worker(new), layout.per_worker(old)))
 
 
 def _memory_kept_by_arithmetic(segment, rule) -> bool:
