@@ -94,64 +94,58 @@ def _at_defaults(factory):
   return lambda ratio, sample: factory()
 
 
+def _ratio_entry(name: str, factory, description: str) -> CompressorEntry:
+  """The entry of a compressor built from the ratio alone."""
+  return CompressorEntry(name, factory, _at_ratio(factory), description,
+                         arguments=_ratio_argument)
+
+
+def _defaults_entry(name: str, factory, description: str,
+                    **options) -> CompressorEntry:
+  """The entry of a compressor built with its defaults (ratio ignored)."""
+  return CompressorEntry(name, factory, _at_defaults(factory), description,
+                         **options)
+
+
 _ENTRIES = (
-    CompressorEntry("dense", compressors.dense,
-                    _at_defaults(compressors.dense),
+    _defaults_entry("dense", compressors.dense,
                     "no compression: dense all-reduce (the baseline)",
                     feedback="none"),
-    CompressorEntry("top_k", compressors.top_k,
-                    _at_ratio(compressors.top_k),
-                    "exact Top-k by magnitude",
-                    arguments=_ratio_argument),
-    CompressorEntry("rand_k", compressors.rand_k,
-                    _at_ratio(compressors.rand_k),
-                    "k random entries, the same on every worker (no indices)",
-                    arguments=_ratio_argument),
+    _ratio_entry("top_k", compressors.top_k,
+                 "exact Top-k by magnitude"),
+    _ratio_entry("rand_k", compressors.rand_k,
+                 "k random entries, the same on every worker (no indices)"),
     CompressorEntry("hard_threshold", threshold_compressors.hard_threshold,
                     _hard_threshold_from_ratio,
                     "every |a| >= lambda (calibrated to the ratio on a sample)",
                     arguments=_hard_threshold_arguments,
                     needs_sample=True),
-    CompressorEntry("gaussian_k", threshold_compressors.gaussian_k,
-                    _at_ratio(threshold_compressors.gaussian_k),
-                    "threshold from a Gaussian fit (approximate Top-k)",
-                    arguments=_ratio_argument),
-    CompressorEntry("approx_top_k", approximate.approx_top_k,
-                    _at_ratio(approximate.approx_top_k),
-                    "lax.approx_max_k (fast on TPU, exact elsewhere)",
-                    arguments=_ratio_argument),
-    CompressorEntry("reg_top_k", reg_top_k.reg_top_k,
-                    _at_ratio(reg_top_k.reg_top_k),
-                    "RegTop-k: Top-k demoting entries the workers cancel",
-                    arguments=_ratio_argument),
-    CompressorEntry("arc_top_k", arc_top_k.arc_top_k,
-                    _at_ratio(arc_top_k.arc_top_k),
-                    "ARC-Top-K: shared rows from a sketch, one all-reduce",
-                    arguments=_ratio_argument),
+    _ratio_entry("gaussian_k", threshold_compressors.gaussian_k,
+                 "threshold from a Gaussian fit (approximate Top-k)"),
+    _ratio_entry("approx_top_k", approximate.approx_top_k,
+                 "lax.approx_max_k (fast on TPU, exact elsewhere)"),
+    _ratio_entry("reg_top_k", reg_top_k.reg_top_k,
+                 "RegTop-k: Top-k demoting entries the workers cancel"),
+    _ratio_entry("arc_top_k", arc_top_k.arc_top_k,
+                 "ARC-Top-K: shared rows from a sketch, one all-reduce"),
     CompressorEntry("top_k_bf16", compressors.top_k,
                     lambda ratio, sample: compressors.top_k(
                         ratio, value_dtype="bfloat16"),
                     "exact Top-k, values sent in bfloat16 (6 B per entry)",
                     arguments=lambda ratio, sample: {
                         "ratio": ratio, "value_dtype": "bfloat16"}),
-    CompressorEntry("quantized_top_k", quantized_top_k.quantized_top_k,
-                    _at_ratio(quantized_top_k.quantized_top_k),
-                    "exact Top-k, 2-bit values with a scale per 64 "
-                    "(SparseLoCo; ~4.3 B per entry)",
-                    arguments=_ratio_argument),
-    CompressorEntry("power_sgd", power_sgd.power_sgd,
-                    _at_defaults(power_sgd.power_sgd),
+    _ratio_entry("quantized_top_k", quantized_top_k.quantized_top_k,
+                 "exact Top-k, 2-bit values with a scale per 64 "
+                 "(SparseLoCo; ~4.3 B per entry)"),
+    _defaults_entry("power_sgd", power_sgd.power_sgd,
                     "PowerSGD rank 1 per matrix (granularity='layer'); "
                     "ratio ignored"),
-    CompressorEntry("sign", sign.sign,
-                    _at_defaults(sign.sign),
+    _defaults_entry("sign", sign.sign,
                     "scaled sign, 1 bit per entry (EF-signSGD); ratio "
                     "ignored"),
-    CompressorEntry("qsgd", qsgd.qsgd,
-                    _at_defaults(qsgd.qsgd),
+    _defaults_entry("qsgd", qsgd.qsgd,
                     "QSGD 4 bits, buckets of 512, unbiased; ratio ignored"),
-    CompressorEntry("cast", cast.cast,
-                    _at_defaults(cast.cast),
+    _defaults_entry("cast", cast.cast,
                     "dense all-reduce in bfloat16; ratio ignored"),
 )
 

@@ -314,6 +314,26 @@ def _make_plan(treedef, shapes, dtypes, leaf_axes, kept_dense, granularity,
                      granularity, compressor, tuple(segments))
 
 
+_KEEP_DENSE_FORMS = ("None, a (path, leaf) -> bool predicate (e.g. "
+                     "gs.small_or_vector_leaves()) or a pytree (or tree "
+                     "prefix) of bools")
+
+
+def check_keep_dense(keep_dense: KeepDense) -> KeepDense:
+  """``keep_dense`` as given, checked where it can be without the
+  parameters (the tree's structure is checked by `segment_plan`).
+
+  Raises:
+    ValueError: not one of the forms ``sparsify(keep_dense=...)`` takes.
+  """
+  if keep_dense is not None and not callable(keep_dense) and not all(
+      isinstance(flag, (bool, np.bool_))
+      for flag in jax.tree.leaves(keep_dense)):
+    raise ValueError(f"`keep_dense` must be {_KEEP_DENSE_FORMS}; got "
+                     f"{keep_dense!r}.")
+  return keep_dense
+
+
 def _kept_dense(keep_dense, tree, leaves_with_paths) -> tuple[bool, ...]:
   """Per leaf, whether ``keep_dense`` chooses it."""
   if keep_dense is None:
@@ -326,8 +346,8 @@ def _kept_dense(keep_dense, tree, leaves_with_paths) -> tuple[bool, ...]:
     flags = jax.tree.leaves(jax.tree.broadcast(keep_dense, tree))
   except (ValueError, TypeError) as error:
     raise ValueError(
-        "`keep_dense` must be None, a (path, leaf) -> bool predicate or a "
-        "pytree (or tree prefix) of bools with the parameters' structure "
-        f"{jax.tree.structure(tree)}; got {keep_dense!r} ({error}).") from None
+        f"`keep_dense` must be {_KEEP_DENSE_FORMS}, a tree with the "
+        f"parameters' structure {jax.tree.structure(tree)}; got "
+        f"{keep_dense!r} ({error}).") from None
   return tuple(validation.boolean(flag, name(path))
                for (path, _), flag in zip(leaves_with_paths, flags))
