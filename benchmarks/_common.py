@@ -76,6 +76,38 @@ def time_interleaved(fns: Dict[str, Callable[[], Any]], *, repeats: int = 7,
   return {name: statistics.median(s) for name, s in samples.items()}
 
 
+def minor_faults(fn: Callable[[], Any], *, calls: int = 3) -> Optional[int]:
+  """Median minor page faults of the process during one call of ``fn``
+  (already compiled and warm); None where `resource` is unavailable.
+
+  Each fault is a fresh page touched: a buffer that the allocator maps
+  anew for every call (glibc does so above its mmap ceiling) costs one
+  fault per 4 KiB page it uses.
+  """
+  try:
+    import resource  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None
+  counts = []
+  for _ in range(calls):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    jax.block_until_ready(fn())
+    counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+  return int(statistics.median(counts))
+
+
+def allocator() -> str:
+  """The malloc this process runs on: a preloaded tcmalloc/jemalloc/
+  mimalloc (``LD_PRELOAD``), else the C library's."""
+  for library in os.environ.get("LD_PRELOAD", "").replace(":", " ").split():
+    name = os.path.basename(library)
+    for known in ("tcmalloc", "jemalloc", "mimalloc"):
+      if known in name:
+        return f"{known} ({name})"
+  libc, version = platform.libc_ver()
+  return f"{libc or 'libc'} {version} malloc".strip()
+
+
 def machine_description() -> Dict[str, Any]:
   """What the numbers were measured on, for the JSON output."""
   description = {
@@ -89,6 +121,7 @@ def machine_description() -> Dict[str, Any]:
       "devices": [str(d) for d in jax.devices()][:4],
       "device_count": jax.device_count(),
       "backend": jax.default_backend(),
+      "allocator": allocator(),
   }
   try:
     description["load_average"] = list(os.getloadavg())

@@ -62,8 +62,9 @@ def selection_table(result: dict) -> list[str]:
 
 def step_table(result: dict) -> list[str]:
   shard = result["shard_map"]
-  lines = [f"8-device `shard_map`, MLP of {shard['parameters']:,} parameters "
-           "(plain step: `jax.grad` all-reduces the dense gradient):", "",
+  lines = [f"8 data-parallel devices, MLP of {shard['parameters']:,} "
+           "parameters (plain step: the gradient all-reduced densely; "
+           "compressed: local gradients, `sparsify` aggregates):", "",
            "| step | ms | / plain sgd step |", "|---|---|---|"]
   for name, row in shard["steps"].items():
     lines.append(f"| {name} | {row['seconds'] * 1e3:.2f} | "

@@ -5,9 +5,10 @@ compressor of the registry (`gs.compressor_names()`, at ratio 0.01 where it
 takes one) plus Top-k with the full sort:
 * single device: a jitted update on one ``d / 1000 x 1000`` matrix parameter
   (d = 1e6..1e8), `sparsify(c) + sgd` vs `sgd`;
-* 8-device `shard_map`: a training step of an MLP (~1e6 parameters), with
-  the plain step all-reducing the dense gradient (what `jax.grad` does by
-  itself there) vs local gradient + `sparsify(c)` + sgd.
+* 8 data-parallel devices: a training step of an MLP (~1e6 parameters), with
+  the plain step a `jax.jit` over the sharded batch (XLA all-reduces the
+  gradient densely) vs `gs.data_parallel`'s step (local gradients +
+  `sparsify(c)` + sgd) under the same `jax.jit`.
 
 Compression is per tensor (``granularity="layer"``) so that PowerSGD sees
 matrices; with one leaf that is the same as global granularity.
@@ -80,11 +81,16 @@ def donated_stepper(tx, params, grads):
     return optax.apply_updates(params, updates), state
 
   carry = [jax.tree.map(jnp.copy, params), state]
+  compiled = step.lower(carry[0], carry[1], grads).compile()
 
   def run():
-    carry[0], carry[1] = step(carry[0], carry[1], grads)
+    carry[0], carry[1] = compiled(carry[0], carry[1], grads)
     return carry[0]
 
+  # XLA's temporaries of one step, in one block allocated per execution:
+  # with glibc's malloc a block over its 32 MiB mmap ceiling is mapped and
+  # page-faulted afresh on every step (see benchmarks/README.md).
+  run.temp_bytes = int(compiled.memory_analysis().temp_size_in_bytes)
   return run
 
 
@@ -147,8 +153,16 @@ def mlp_loss(params, x, y):
 
 def sharded_training(sizes, batch_per_worker: int, repeats: int,
                      table: dict) -> dict:
-  """Step time under an 8-device shard_map: ratio to the dense sgd step."""
-  mesh = jax.make_mesh((jax.device_count(),), (AXIS,))
+  """Step time of 8 data-parallel workers: ratio to the dense sgd step.
+
+  The plain step is a `jax.jit` over the batch sharded on the mesh (XLA
+  all-reduces the gradient densely); the compressed one is
+  `gs.data_parallel`'s step (one `jax.shard_map`, local gradients,
+  `sparsify(c, axis_name=...)` aggregating) under the same `jax.jit`.
+  """
+  # Auto axes: XLA partitions the plain step and inserts its all-reduce.
+  mesh = jax.make_mesh((jax.device_count(),), (AXIS,),
+                       axis_types=(jax.sharding.AxisType.Auto,))
   params = mlp_init(jax.random.key(0), sizes)
   batch = mesh.size * batch_per_worker
   sharding = NamedSharding(mesh, P(AXIS))
@@ -157,40 +171,30 @@ def sharded_training(sizes, batch_per_worker: int, repeats: int,
   y = jax.device_put(jax.random.randint(jax.random.key(2), (batch,), 0,
                                         sizes[-1]), sharding)
 
-  def timed(tx, grad_fn):
-    specs = gs.state_partition_specs(jax.eval_shape(tx.init, params), AXIS)
-    state = jax.jit(jax.shard_map(tx.init, mesh=mesh, in_specs=P(),
-                                  out_specs=specs))(params)
-
-    @jax.jit
-    @functools.partial(jax.shard_map, mesh=mesh,
-                       in_specs=(P(), specs, P(AXIS), P(AXIS)),
-                       out_specs=(P(), specs))
-    def step(params, state, x, y):
-      _, grads = grad_fn(params, x, y)
-      updates, state = tx.update(grads, state, params)
-      return optax.apply_updates(params, updates), state
-
+  def timed(step, state):
+    step = jax.jit(step)
     carry = [params, state]
 
     def run():
-      carry[0], carry[1] = step(carry[0], carry[1], x, y)
+      carry[0], carry[1] = step(carry[0], carry[1], x, y)[:2]
       return carry[0]
 
     return _common.time_fn(run, repeats=repeats)
 
-  def dense_grad(params, x, y):
-    # jax.grad of replicated params under shard_map: dense all-reduce (sum).
-    loss, grads = jax.value_and_grad(mlp_loss)(params, x, y)
-    return loss, jax.tree.map(lambda g: g / mesh.size, grads)
+  sgd = optax.sgd(0.1)
 
-  base = timed(optax.sgd(0.1), dense_grad)
+  def dense_step(params, state, x, y):
+    grads = jax.grad(mlp_loss)(params, x, y)
+    updates, state = sgd.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  base = timed(dense_step, sgd.init(params))
   rows = {"sgd (dense all-reduce)": base}
-  local = gs.local_value_and_grad(mlp_loss, AXIS)
   for name, c in table.items():
     tx = optax.chain(gs.sparsify(c, axis_name=AXIS, granularity="layer"),
                      optax.sgd(0.1))
-    rows[name] = timed(tx, local)
+    dp = gs.data_parallel(mlp_loss, tx, mesh=mesh, axis_name=AXIS)
+    rows[name] = timed(dp.step, dp.init(params))
   parameters = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
   return {"parameters": parameters, "workers": mesh.size,
           "steps": {name: {"seconds": t, "ratio_to_sgd": t / base}
@@ -293,7 +297,10 @@ def transformer_pytree(scale: float, repeats: int, table: dict) -> dict:
       t = times[key]
       variants[key] = {"seconds": t, "ratio_to_sgd": t / base["sgd"],
                        "ratio_to_adam": t / base["adam"],
-                       "ratio_to_floor": t / base["floor"]}
+                       "ratio_to_floor": t / base["floor"],
+                       "temp_bytes": fns[key].temp_bytes,
+                       "minor_faults_per_step": _common.minor_faults(
+                           fns[key])}
     groups[name] = {"baselines": base, "variants": variants}
     print(f"{name}: " + ", ".join(
         f"{k} {v['seconds'] * 1e3:.1f} ms ({v['ratio_to_sgd']:.2f}x sgd)"
@@ -443,7 +450,9 @@ def run_model(args) -> dict:
         if "seconds" in row:
           print(f"  {key:<14} {row['seconds'] * 1e3:8.2f} ms "
                 f"{row['ratio_to_sgd']:6.2f}x sgd {row['ratio_to_adam']:6.2f}x"
-                f" adam {row['ratio_to_floor']:6.2f}x floor")
+                f" adam {row['ratio_to_floor']:6.2f}x floor  temp "
+                f"{row['temp_bytes'] / 2**20:6.1f} MiB, "
+                f"{row['minor_faults_per_step']} faults/step")
         else:
           print(f"  {key:<14} {row['error']}")
   else:
@@ -467,7 +476,7 @@ def main(argv=None):
                       help="registry names (default: all)")
   parser.add_argument("--model", default="matrix",
                       choices=("matrix", "transformer", "charlm"),
-                      help="matrix: the single-device and shard_map tables "
+                      help="matrix: the single-device and 8-device tables "
                       "(default); transformer: the 57-leaf pytree; charlm: "
                       "a whole training step of the charlm task")
   parser.add_argument("--scale", type=float, default=1.0,
@@ -497,7 +506,7 @@ def main(argv=None):
     ax.barh(names, [result["shard_map"]["steps"][n]["ratio_to_sgd"]
                     for n in names])
     ax.axvline(1.0, color="k", lw=0.8)
-    ax.set_xlabel("step time / plain sgd step (8-device shard_map, MLP "
+    ax.set_xlabel("step time / plain sgd step (8 data-parallel devices, MLP "
                   f"{result['shard_map']['parameters']:,} params)")
 
   _common.write_plot(args.out, "step_overhead", plot)

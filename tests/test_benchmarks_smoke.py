@@ -185,6 +185,10 @@ def test_step_overhead_transformer_pytree(tmp_path):
         assert 0 < ratio < float("inf")
         assert ratio == pytest.approx(row["seconds"]
                                       / group["baselines"][base])
+      assert isinstance(row["temp_bytes"], int) and row["temp_bytes"] >= 0
+      assert row["minor_faults_per_step"] >= 0
+  assert "malloc" in result["machine"]["allocator"] or (
+      "LD_PRELOAD" in os.environ)
 
 
 def test_transformer_shapes_match_the_issue():
@@ -226,3 +230,35 @@ def test_step_overhead_charlm_step(tmp_path):
       assert row["overhead_share"] == pytest.approx(
           1 - 1 / row["ratio_to_adam"])
       assert row["overhead_share"] < 1
+
+
+def _benchmarks_common():
+  sys.path.insert(0, str(REPO_ROOT))
+  try:
+    return importlib.import_module("benchmarks._common")
+  finally:
+    sys.path.remove(str(REPO_ROOT))
+
+
+def test_allocator_names_a_preloaded_malloc(monkeypatch):
+  common = _benchmarks_common()
+  monkeypatch.setenv("LD_PRELOAD",
+                     "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
+  assert common.allocator() == "tcmalloc (libtcmalloc_minimal.so.4)"
+  monkeypatch.setenv("LD_PRELOAD", "")
+  assert common.allocator().endswith("malloc")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mmap ceiling")
+def test_minor_faults_count_a_freshly_mapped_buffer():
+  """A 64 MiB buffer, above glibc's 32 MiB mmap ceiling, is mapped anew by
+  every call: one fault per 4 KiB page it writes (16384), where a call that
+  allocates nothing faults (almost) never."""
+  common = _benchmarks_common()
+  if "glibc" not in common.allocator():
+    pytest.skip("another malloc keeps large blocks mapped")
+  pages = 64 * 2**20 // 4096
+  # bytes (malloc + memset), not numpy, which asks for huge pages.
+  fresh = common.minor_faults(lambda: len(b"\x01" * (64 * 2**20)))
+  assert 0.9 * pages <= fresh <= 1.5 * pages
+  assert common.minor_faults(lambda: 1.0) < 0.01 * pages
