@@ -34,20 +34,26 @@ def _transformer_like():
   return tree
 
 
-def _full_size_ops(tx, params):
-  """(opcode -> count) of copies and concatenates whose result is the
-  gradient's full size, and of conditionals that return more than scalars
-  (a conditional materializes its results), over every computation of the
-  compiled step."""
-  total = sum(x.size for x in jax.tree.leaves(params))
+def _compiled_step(tx, params):
+  """The compiled ``update + apply_updates`` step, params and state
+  donated, with ``params`` as the gradient."""
   state = tx.init(params)
 
   def step(p, s, g):
     u, s = tx.update(g, s, p)
     return optax.apply_updates(p, u), s
 
-  text = jax.jit(step, donate_argnums=(0, 1)).lower(
-      params, state, params).compile().as_text()
+  return jax.jit(step, donate_argnums=(0, 1)).lower(
+      params, state, params).compile()
+
+
+def _full_size_ops(tx, params):
+  """(opcode -> count) of copies and concatenates whose result is the
+  gradient's full size, and of conditionals that return more than scalars
+  (a conditional materializes its results), over every computation of the
+  compiled step."""
+  total = sum(x.size for x in jax.tree.leaves(params))
+  text = _compiled_step(tx, params).as_text()
   counts = {"copy": 0, "concatenate": 0, "conditional": 0}
   for line in text.splitlines():
     match = re.search(r"= (\S+) (copy|concatenate)\(", line)
@@ -73,14 +79,7 @@ def test_default_dense_update_has_no_full_size_copy_or_conditional():
 
 def _temp_gradient_sizes(tx, params):
   """The compiled step's temporary buffers, in gradient sizes."""
-  state = tx.init(params)
-
-  def step(p, s, g):
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s
-
-  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
-      params, state, params).compile()
+  compiled = _compiled_step(tx, params)
   total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
   return compiled.memory_analysis().temp_size_in_bytes / total
 
@@ -116,14 +115,7 @@ def test_the_check_would_see_a_conditional():
 def _per_worker_copies(tx, params):
   """Copies of per-worker state arrays (``[1, n]``: a worker memory) in the
   compiled step, over every computation."""
-  state = tx.init(params)
-
-  def step(p, s, g):
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s
-
-  text = jax.jit(step, donate_argnums=(0, 1)).lower(
-      params, state, params).compile().as_text()
+  text = _compiled_step(tx, params).as_text()
   return sum(1 for line in text.splitlines()
              if re.search(r"= f32\[1,\d+\]\S* copy\(", line))
 
